@@ -1,0 +1,4 @@
+//! Stage kinds and the ML they need.
+#![allow(unreachable_pub)]
+pub mod model;
+
