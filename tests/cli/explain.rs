@@ -1,0 +1,201 @@
+//! `pipeline explain` and `pipeline plan`: every reason a stage would rerun, in text and
+//! in `--json`.
+
+use serde_json::Value;
+
+use crate::common::{Project, RecipeOpts, Shape, render, shape};
+
+fn explain(p: &Project, stage: &str, json: bool) -> crate::common::RunResult {
+    let recipe = p.recipe();
+    let mut args = Vec::new();
+    if json {
+        args.push("--json");
+    }
+    args.extend(["explain", recipe.to_str().unwrap(), stage]);
+    p.run(&args)
+}
+
+/// The stage's line in the plan table (first whitespace-separated column is the name).
+fn plan_line(stdout: &str, stage: &str) -> String {
+    stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(stage))
+        .unwrap_or_else(|| panic!("no plan line for `{stage}` in:\n{stdout}"))
+        .to_owned()
+}
+
+/// The status column (hit/run/maybe) of `stage` in the plan table.
+fn plan_status(stdout: &str, stage: &str) -> String {
+    let line = plan_line(stdout, stage);
+    line.split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn setup_changed() -> Project {
+    let nodes = shape(Shape::Chain, 4);
+    let mut opts = RecipeOpts::default();
+    let p = Project::new(&render(&nodes, &opts));
+    p.run_json(&[]).ok();
+    opts.params.insert("s0001".into(), (1, 5)); // q: 1 -> 5
+    p.write_recipe(&render(&nodes, &opts));
+    p
+}
+
+#[test]
+fn explain_names_the_changed_param_with_old_and_new_values() {
+    let p = setup_changed();
+    let r = explain(&p, "s0001", false);
+    r.ok();
+    let out = format!("{}{}", r.stdout, r.stderr);
+    let line = out
+        .lines()
+        .find(|l| l.contains("`q`") || l.contains("q:") || l.contains(" q "))
+        .unwrap_or_else(|| panic!("no line about param `q`:\n{out}"));
+    assert!(
+        line.contains('1') && line.contains('5'),
+        "old and new value of `q` missing: {line}\n{out}"
+    );
+    assert!(
+        !out.contains("`p`"),
+        "`p` did not change and must not be listed:\n{out}"
+    );
+}
+
+#[test]
+fn explain_of_an_unchanged_stage_says_hit() {
+    let p = setup_changed();
+    let r = explain(&p, "s0000", false);
+    r.ok();
+    let out = format!("{}{}", r.stdout, r.stderr).to_lowercase();
+    assert!(
+        out.contains("hit") || out.contains("up to date") || out.contains("fresh"),
+        "s0000 is unchanged:\n{out}"
+    );
+    assert!(
+        !out.contains("`q`"),
+        "s0000's params did not change:\n{out}"
+    );
+}
+
+#[test]
+fn explain_downstream_of_a_changed_output_names_the_upstream() {
+    let nodes = shape(Shape::Chain, 3);
+    let mut opts = RecipeOpts::default();
+    let p = Project::new(&render(&nodes, &opts));
+    p.run_json(&[]).ok();
+    opts.params.insert("s0000".into(), (9, 1)); // p reaches the output
+    p.write_recipe(&render(&nodes, &opts));
+    // Run only s0000 so that s0001's input really changed and is known.
+    p.run_json(&["--only", "s0000"]).ok();
+    let r = explain(&p, "s0001", false);
+    r.ok();
+    let out = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        out.contains("deps") && out.contains("s0000"),
+        "expected input `deps` changed because of `s0000`:\n{out}"
+    );
+}
+
+#[test]
+fn explain_of_a_never_run_stage_says_so() {
+    let nodes = shape(Shape::Chain, 3);
+    let p = Project::new(&render(&nodes[..2], &RecipeOpts::default()));
+    p.run_json(&[]).ok();
+    p.write_recipe(&render(&nodes, &RecipeOpts::default()));
+    let r = explain(&p, "s0002", false);
+    r.ok();
+    let out = format!("{}{}", r.stdout, r.stderr).to_lowercase();
+    assert!(
+        out.contains("never run") || out.contains("no previous run"),
+        "s0002 never ran:\n{out}"
+    );
+}
+
+#[test]
+fn explain_json_carries_the_param_diff() {
+    let p = setup_changed();
+    let r = explain(&p, "s0001", true);
+    r.ok();
+    let values: Vec<Value> = r
+        .stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("explain --json line is not JSON ({e}): {l}"))
+        })
+        .collect();
+    assert!(
+        !values.is_empty(),
+        "explain --json printed nothing; stderr:\n{}",
+        r.stderr
+    );
+    let all = serde_json::to_string(&values).unwrap();
+    assert!(
+        all.contains("\"q\""),
+        "no param `q` in the JSON explanation: {all}"
+    );
+    assert!(all.contains('5'), "new value 5 missing: {all}");
+}
+
+#[test]
+fn plan_marks_hit_run_and_maybe() {
+    let nodes = shape(Shape::Chain, 4);
+    let mut opts = RecipeOpts::default();
+    let p = Project::new(&render(&nodes, &opts));
+    let recipe = p.recipe();
+    let cold = p.run(&["plan", recipe.to_str().unwrap()]);
+    cold.ok();
+    assert_eq!(plan_status(&cold.stdout, "s0000"), "run", "{}", cold.stdout);
+    // s0001's input is not known before s0000 runs.
+    assert!(
+        ["run", "maybe"].contains(&plan_status(&cold.stdout, "s0001").as_str()),
+        "{}",
+        cold.stdout
+    );
+
+    p.run_json(&[]).ok();
+    let warm = p.run(&["plan", recipe.to_str().unwrap()]);
+    warm.ok();
+    for n in &nodes {
+        assert_eq!(plan_status(&warm.stdout, &n.name), "hit", "{}", warm.stdout);
+    }
+
+    opts.params.insert("s0001".into(), (3, 1));
+    p.write_recipe(&render(&nodes, &opts));
+    let changed = p.run(&["plan", recipe.to_str().unwrap()]);
+    changed.ok();
+    assert_eq!(
+        plan_status(&changed.stdout, "s0000"),
+        "hit",
+        "{}",
+        changed.stdout
+    );
+    assert_eq!(
+        plan_status(&changed.stdout, "s0001"),
+        "run",
+        "{}",
+        changed.stdout
+    );
+    let l1 = plan_line(&changed.stdout, "s0001");
+    assert!(
+        l1.contains('p') && l1.contains('3'),
+        "the reason for s0001 names `p` → 3: {l1}"
+    );
+    assert_eq!(
+        plan_status(&changed.stdout, "s0002"),
+        "maybe",
+        "{}",
+        changed.stdout
+    );
+    assert_eq!(
+        plan_status(&changed.stdout, "s0003"),
+        "maybe",
+        "{}",
+        changed.stdout
+    );
+    // plan runs nothing.
+    assert_eq!(p.exec_counts()["s0001"], 1, "plan must not execute stages");
+}
