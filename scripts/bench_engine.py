@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""End-to-end engine benchmark: `pipeline` side by side with DVC and Snakemake.
+
+Generates the same DAG of N trivial shell stages (each `cat`s its inputs into its one
+output) in three formats -- our TOML recipe, a `dvc.yaml`, a `Snakefile` -- each in its own
+temporary directory, and times:
+
+* full run   -- a cold run of every stage, sequential (`-j 1` / DVC is sequential /
+                `--cores 1`), reported also per stage: the engine's overhead per stage
+                on top of one `sh -c` spawn;
+* no-op      -- a second run when everything is up to date
+                (`pipeline run`, `dvc repro`, `snakemake --cores 1`);
+* plan       -- what would run (`pipeline plan`, `dvc status`, `snakemake -n`).
+
+Shapes: chain (s0 -> s1 -> ...), fan (one root, N-2 children, one join), layered (about
+sqrt(N) layers, each stage reading two stages of the layer above) -- the shapes of the
+engine's criterion benches and end-to-end tests.
+
+DVC and Snakemake are optional: give their executables with --dvc / --snakemake or put
+them on PATH (e.g. `python3 -m venv /tmp/bv && /tmp/bv/bin/pip install dvc snakemake`);
+without them their columns print n/a. They are only run for sizes <= --others-max (their
+cold run of 1000 stages takes minutes each).
+
+Output: a markdown table on stdout (progress on stderr).
+
+    cargo build --release --no-default-features
+    scripts/bench_engine.py --pipeline target/release/pipeline --dvc /tmp/bv/bin/dvc \
+        --snakemake /tmp/bv/bin/snakemake
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = ("chain", "fan", "layered")
+
+
+def name(i: int) -> str:
+    return f"s{i:05d}"
+
+
+def dag(shape: str, n: int) -> list[list[int]]:
+    """deps[i] = indices of the stages stage i reads."""
+    deps: list[list[int]] = [[] for _ in range(n)]
+    if shape == "chain":
+        for i in range(1, n):
+            deps[i] = [i - 1]
+    elif shape == "fan":
+        for i in range(1, n - 1):
+            deps[i] = [0]
+        deps[n - 1] = list(range(1, n - 1))
+    elif shape == "layered":
+        width = math.ceil(math.sqrt(n))
+        for i in range(width, n):
+            start = (i // width - 1) * width
+            a, b = start + i % width, start + (i + 1) % width
+            deps[i] = [a] if a == b else [a, b]
+    else:
+        raise ValueError(shape)
+    return deps
+
+
+def inputs(deps: list[int]) -> list[str]:
+    return [f"out/{name(d)}.txt" for d in deps] if deps else ["seed.txt"]
+
+
+def write_ours(d: Path, deps: list[list[int]]) -> Path:
+    lines = ['[experiment]\nname = "bench"\n']
+    for i, ds in enumerate(deps):
+        dep_list = ", ".join(f'"@{name(j)}"' for j in ds) if ds else '"seed.txt"'
+        lines.append(
+            f'[stages.{name(i)}]\nkind = "shell"\ndeps = [{dep_list}]\n'
+            f'cmd = "cat ${{deps}} > ${{outs}}"\nouts = ["out/{name(i)}.txt"]\n'
+        )
+    path = d / "recipe.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_dvc(d: Path, deps: list[list[int]]) -> None:
+    out = ["stages:"]
+    for i, ds in enumerate(deps):
+        ins = inputs(ds)
+        out.append(f"  {name(i)}:")
+        out.append(f"    cmd: cat {' '.join(ins)} > out/{name(i)}.txt")
+        out.append("    deps:")
+        out.extend(f"      - {p}" for p in ins)
+        out.append("    outs:")
+        out.append(f"      - out/{name(i)}.txt")
+    (d / "dvc.yaml").write_text("\n".join(out) + "\n")
+
+
+def write_snakefile(d: Path, deps: list[list[int]]) -> None:
+    n = len(deps)
+    out = ["rule all:", "    input:"]
+    out.extend(f'        "out/{name(i)}.txt",' for i in range(n))
+    for i, ds in enumerate(deps):
+        ins = ", ".join(f'"{p}"' for p in inputs(ds))
+        out += [
+            "",
+            f"rule {name(i)}:",
+            f"    input: {ins}",
+            f'    output: "out/{name(i)}.txt"',
+            '    shell: "cat {input} > {output}"',
+        ]
+    (d / "Snakefile").write_text("\n".join(out) + "\n")
+
+
+def timed(cmd: list[str], cwd: Path, env: dict | None = None) -> float:
+    t = time.perf_counter()
+    r = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    dt = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed in {cwd} ({r.returncode}):\n{r.stderr.decode()[-2000:]}")
+    return dt
+
+
+def median_of(reps: int, cmd: list[str], cwd: Path, env: dict | None = None) -> float:
+    timed(cmd, cwd, env)  # warm the page cache and the stat caches
+    return statistics.median(timed(cmd, cwd, env) for _ in range(reps))
+
+
+def prepare(root: Path, tool: str) -> Path:
+    d = root / tool
+    (d / "out").mkdir(parents=True)
+    (d / "seed.txt").write_text("seed\n")
+    return d
+
+
+def bench_ours(exe: str, root: Path, deps, reps: int, full: bool) -> dict:
+    d = prepare(root, "pipeline")
+    recipe = write_ours(d, deps)
+    base = [exe, "--cache-dir", str(d / ".pipeline"), "--runs-dir", str(d / "runs"), "-q", "--no-progress"]
+    res: dict = {}
+    res["plan-cold"] = median_of(reps, base + ["plan", str(recipe)], d)
+    if full:
+        res["full"] = timed(base + ["run", str(recipe), "-j", "1"], d)
+        res["noop"] = median_of(reps, base + ["run", str(recipe)], d)
+        res["plan"] = median_of(reps, base + ["plan", str(recipe)], d)
+    return res
+
+
+def bench_dvc(exe: str, root: Path, deps, reps: int) -> dict:
+    d = prepare(root, "dvc")
+    write_dvc(d, deps)
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    subprocess.run([exe, "init", "--no-scm", "-q"], cwd=d, env=env, check=True)
+    res = {"plan-cold": median_of(reps, [exe, "status"], d, env)}
+    res["full"] = timed([exe, "repro", "-q"], d, env)
+    res["noop"] = median_of(reps, [exe, "repro", "-q"], d, env)
+    res["plan"] = median_of(reps, [exe, "status"], d, env)
+    return res
+
+
+def bench_snakemake(exe: str, root: Path, deps, reps: int) -> dict:
+    d = prepare(root, "snakemake")
+    write_snakefile(d, deps)
+    base = [exe, "--cores", "1", "--quiet"]
+    res = {"plan-cold": median_of(reps, base + ["-n"], d)}
+    res["full"] = timed(base, d)
+    res["noop"] = median_of(reps, base, d)
+    res["plan"] = median_of(reps, base + ["-n"], d)
+    return res
+
+
+def fmt_s(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def ratio(other: float | None, ours: float | None) -> str:
+    if other is None or ours is None or ours <= 0:
+        return "n/a"
+    return f"{other / ours:.0f}x"
+
+
+def find_tool(given: str | None, name_: str) -> str | None:
+    if given:
+        return given if shutil.which(given) else None
+    return shutil.which(name_)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pipeline", default="target/release/pipeline", help="the pipeline binary")
+    ap.add_argument("--dvc", help="dvc executable (default: on PATH)")
+    ap.add_argument("--snakemake", help="snakemake executable (default: on PATH)")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--sizes", default="100,1000", help="sizes measured in full (run, no-op, plan)")
+    ap.add_argument("--plan-sizes", default="10000", help="sizes for which only ours is measured (plan)")
+    ap.add_argument("--others-max", type=int, default=1000, help="largest size DVC/Snakemake are run on")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of no-op and plan (median)")
+    args = ap.parse_args()
+
+    exe = str(Path(args.pipeline).resolve())
+    if not os.access(exe, os.X_OK):
+        print(f"error: pipeline binary `{args.pipeline}` not found; build it with "
+              "`cargo build --release --no-default-features`", file=sys.stderr)
+        return 2
+    dvc = find_tool(args.dvc, "dvc")
+    smk = find_tool(args.snakemake, "snakemake")
+    shapes = [s for s in args.shapes.split(",") if s]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    plan_sizes = [int(s) for s in args.plan_sizes.split(",") if s]
+
+    rows = []
+    for shape in shapes:
+        for n in sizes + plan_sizes:
+            full = n in sizes
+            deps = dag(shape, n)
+            with tempfile.TemporaryDirectory(prefix=f"bench-{shape}-{n}-") as tmp:
+                root = Path(tmp)
+                print(f"{shape} {n}: pipeline", file=sys.stderr, flush=True)
+                ours = bench_ours(exe, root, deps, args.reps, full)
+                theirs = {}
+                if full and n <= args.others_max:
+                    for tool, fn, path in (("dvc", bench_dvc, dvc), ("snakemake", bench_snakemake, smk)):
+                        if path:
+                            print(f"{shape} {n}: {tool}", file=sys.stderr, flush=True)
+                            try:
+                                theirs[tool] = fn(path, root, deps, args.reps)
+                            except RuntimeError as e:
+                                print(f"warning: {tool} failed: {e}", file=sys.stderr)
+            for metric in ("full", "noop", "plan", "plan-cold"):
+                if metric not in ours:
+                    continue
+                o = ours.get(metric)
+                d = theirs.get("dvc", {}).get(metric)
+                s = theirs.get("snakemake", {}).get(metric)
+                label = {"full": "full run (-j 1)", "noop": "no-op rerun", "plan": "plan (all hit)",
+                         "plan-cold": "plan (cold)"}[metric]
+                ours_txt = fmt_s(o)
+                if metric == "full":
+                    ours_txt += f" ({o / n * 1000:.2f} ms/stage)"
+                rows.append((shape, n, label, ours_txt, fmt_s(d), fmt_s(s), ratio(d, o), ratio(s, o)))
+
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
+          f"dvc: {'yes' if dvc else 'n/a'}, snakemake: {'yes' if smk else 'n/a'}; "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
+    print("| shape | stages | measure | pipeline | dvc | snakemake | dvc / pipeline | snakemake / pipeline |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
