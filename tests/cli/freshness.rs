@@ -271,3 +271,16 @@ fn verbose_run_prints_rerun_cascade_and_hit_lines() {
         "missing `[HIT] s0000`:\n{err}"
     );
 }
+
+#[test]
+fn set_override_reruns_like_an_edit() {
+    let (p, _) = Project::with_shape(Shape::Chain, 3, &RecipeOpts::default());
+    p.run_json(&[]).ok();
+    let r = p.run_json(&["--set", "s0001.params.p=2"]);
+    r.ok();
+    assert_eq!(r.set_of("stage-started"), set(&["s0001", "s0002"]));
+    // The override is not persisted: without it, everything is a hit again.
+    let back = p.run_json(&[]);
+    back.ok();
+    assert!(back.set_of("stage-started").is_empty(), "{:?}", back.set_of("stage-started"));
+}
