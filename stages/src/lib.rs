@@ -2,3 +2,4 @@
 #![allow(unreachable_pub)]
 pub mod model;
 
+pub mod ops;
