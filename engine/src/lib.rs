@@ -5,3 +5,12 @@
 #![allow(unreachable_pub)]
 
 pub mod stage;
+pub mod recipe;
+pub mod env_vars;
+pub mod events;
+pub mod key;
+pub mod shell;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod exec;
+pub mod plan;

@@ -1,0 +1,225 @@
+//! Running one stage on this machine: lease, staging, [`StageCtx`], commit, and the
+//! bookkeeping shared with hits (ref, runs links, restore).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use cache::{Cache, CommitMeta, Entry, Key, LockOutcome};
+
+use super::keys;
+use crate::events::{Event, Reporter};
+use crate::key::{KeyManifest, RerunReason};
+use crate::recipe::{Recipe, StageNode};
+use crate::stage::{Progress, Resources, StageCtx, StageError, StageKind};
+
+/// A stage the scheduler decided to compute.
+pub(super) struct Job {
+    pub idx: usize,
+    pub kind: Arc<dyn StageKind>,
+    pub key: Key,
+    pub manifest: KeyManifest,
+    /// The committed entry of each input, in `node.inputs` order.
+    pub upstream: Vec<Arc<Entry>>,
+    pub resources: Resources,
+    /// Why it runs.
+    pub reasons: Vec<RerunReason>,
+}
+
+/// How a job ended.
+pub(super) enum Outcome {
+    /// Computed and committed.
+    Ran(Arc<Entry>),
+    /// Another process committed the key while we waited for its lease.
+    Hit(Arc<Entry>),
+    /// Failed (no entry left) after this long; the message is one line.
+    Failed(String, Duration),
+    /// Stopped by the cancel flag (no entry left; checkpoints kept).
+    Cancelled,
+}
+
+/// Where a job runs: everything shared by all jobs of a run.
+pub(super) struct Env<'a> {
+    pub recipe: &'a Recipe,
+    pub cache: &'a Cache,
+    pub reporter: &'a dyn Reporter,
+    pub cancel: &'a Arc<AtomicBool>,
+    pub runs_dir: Option<&'a Path>,
+}
+
+pub(super) fn run_job(env: &Env<'_>, job: &Job) -> Outcome {
+    let node = &env.recipe.stages[job.idx];
+    let started = Instant::now();
+    match run_job_inner(env, node, job) {
+        Ok(o) => o,
+        Err(StageError::Cancelled) => Outcome::Cancelled,
+        Err(e) => Outcome::Failed(e.to_string(), started.elapsed()),
+    }
+}
+
+fn cache_err(doing: &str, e: cache::Error) -> StageError {
+    StageError::Other(format!("{doing}: {e}"))
+}
+
+fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, StageError> {
+    // The lease makes two processes never compute one key at once; the loser usually hits.
+    let _guard = match env
+        .cache
+        .lock(&job.key)
+        .map_err(|e| cache_err("cannot lock the stage key", e))?
+    {
+        LockOutcome::Hit(entry) => {
+            let entry = Arc::new(*entry);
+            finish(env, node, job.kind.as_ref(), &entry)?;
+            return Ok(Outcome::Hit(entry));
+        }
+        LockOutcome::Acquired(guard) => guard,
+    };
+    let mut dirs = Vec::with_capacity(job.upstream.len());
+    for (input, entry) in node.inputs.iter().zip(&job.upstream) {
+        let dir = env
+            .cache
+            .materialize(entry, &input.output)
+            .map_err(|e| cache_err(&format!("cannot read input `{}`", input.param), e))?;
+        dirs.push(dir);
+    }
+    let (params, inputs) = keys::run_params(node, &dirs);
+    let outputs: Vec<&str> = node.outputs.iter().map(|o| o.name).collect();
+    let staging = env
+        .cache
+        .stage_dir(&job.key, &outputs)
+        .map_err(|e| cache_err("cannot create the staging directory", e))?;
+    let checkpoint_dir = env
+        .cache
+        .checkpoint_dir(&job.key)
+        .map_err(|e| cache_err("cannot create the checkpoint directory", e))?;
+    let log_path = staging.log_path();
+    let mut log = std::fs::File::create(&log_path).map_err(|e| StageError::io(&log_path, e))?;
+    let out_dir = staging.dir().join("out");
+    let progress = Reported::new(env.reporter, &node.name);
+    let started = SystemTime::now();
+    {
+        let mut ctx = StageCtx {
+            name: &node.name,
+            recipe_dir: &env.recipe.dir,
+            params: &params,
+            inputs: &inputs,
+            out_dir: &out_dir,
+            checkpoint_dir: &checkpoint_dir,
+            seed: job.manifest.seed,
+            cancel: env.cancel.clone(),
+            progress: &progress,
+            log: &mut log,
+            resources: job.resources,
+        };
+        job.kind.run(&mut ctx)?;
+    }
+    if env.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+        // A stage that returned Ok after the cancel may have cut corners; never commit it.
+        return Err(StageError::Cancelled);
+    }
+    drop(log);
+    let meta = CommitMeta {
+        kind: node.kind.clone(),
+        stage: node.name.clone(),
+        experiment: env.recipe.experiment.clone(),
+        inputs: serde_json::to_value(&job.manifest)
+            .map_err(|e| StageError::Other(format!("BUG: manifest: {e}")))?,
+        started,
+    };
+    let entry = Arc::new(
+        env.cache
+            .commit(staging, meta)
+            .map_err(|e| cache_err("cannot commit the outputs", e))?,
+    );
+    finish(env, node, job.kind.as_ref(), &entry)?;
+    Ok(Outcome::Ran(entry))
+}
+
+/// After a hit or a commit: point the ref at the key, link `runs/`, and let the kind restore
+/// files it keeps outside the cache.
+pub(super) fn finish(
+    env: &Env<'_>,
+    node: &StageNode,
+    kind: &dyn StageKind,
+    entry: &Entry,
+) -> Result<(), StageError> {
+    let exp = &env.recipe.experiment;
+    // Refs only feed explanations; skip the write when it is already right (no-op reruns).
+    if env.cache.get_ref(exp, &node.name).ok().flatten() != Some(entry.key) {
+        env.cache
+            .set_ref(exp, &node.name, &entry.key)
+            .map_err(|e| cache_err("cannot record the stage's ref", e))?;
+    }
+    let mut outputs = BTreeMap::new();
+    for name in entry.outputs() {
+        let dir = env
+            .cache
+            .materialize(entry, name)
+            .map_err(|e| cache_err(&format!("cannot read output `{name}`"), e))?;
+        if let Some(runs) = env.runs_dir {
+            link_if_changed(env.cache, runs, exp, &node.name, name, &dir)?;
+        }
+        outputs.insert(name.to_owned(), dir);
+    }
+    kind.restore(&env.recipe.dir, &node.params, &outputs)
+}
+
+fn link_if_changed(
+    cache: &Cache,
+    runs: &Path,
+    exp: &str,
+    stage: &str,
+    output: &str,
+    target: &Path,
+) -> Result<(), StageError> {
+    let link: PathBuf = runs.join(exp).join(stage).join(output);
+    if std::fs::read_link(&link).is_ok_and(|t| t == target) {
+        return Ok(());
+    }
+    cache
+        .link_run(runs, exp, stage, output, target)
+        .map(|_| ())
+        .map_err(|e| cache_err("cannot link the run directory", e))
+}
+
+/// Forwards a stage's progress as events, at most every 100 ms (and always the last step).
+struct Reported<'a> {
+    reporter: &'a dyn Reporter,
+    stage: &'a str,
+    last: Mutex<Option<Instant>>,
+}
+
+impl<'a> Reported<'a> {
+    fn new(reporter: &'a dyn Reporter, stage: &'a str) -> Self {
+        Self {
+            reporter,
+            stage,
+            last: Mutex::new(None),
+        }
+    }
+}
+
+impl Progress for Reported<'_> {
+    fn progress(&self, done: u64, total: u64, msg: &str) {
+        let now = Instant::now();
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let due = last.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(100))
+            || done >= total;
+        if due {
+            *last = Some(now);
+            drop(last);
+            self.reporter.event(&Event::StageProgress {
+                stage: self.stage.to_owned(),
+                done,
+                total,
+                message: msg.to_owned(),
+            });
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! [`KeyManifest`]: everything that went into a stage key, kept so that a later miss can say
+//! exactly what changed.
+//!
+//! The manifest is stored in the cache entry (as the entry's metadata) and the stage key is a
+//! pure function of it: [`KeyManifest::key`]. Some fields are *recorded but not keyed* (the
+//! upstream stage names, external paths as written): they exist only to make `explain`
+//! readable, and renaming a stage must not invalidate its dependents.
+
+use std::collections::BTreeMap;
+
+use cache::Digest;
+use serde::{Deserialize, Serialize};
+
+use super::KEY_SCHEMA;
+use super::hasher::{StableHash, StableHasher};
+
+/// The blake3 derive-key context for stage keys; versioned together with [`KEY_SCHEMA`].
+const KEY_DOMAIN: &str = "pipeline 2026-11 stage key";
+/// The blake3 derive-key context for per-stage seeds.
+const SEED_DOMAIN: &str = "pipeline 2026-11 stage seed";
+/// What a reference string becomes inside the keyed parameters: the input's *content* is
+/// keyed through [`KeyManifest::inputs`], never the upstream stage's name.
+pub const REF_PLACEHOLDER: &str = "@input";
+
+/// One upstream output feeding this stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputDigest {
+    /// The parameter holding the reference.
+    pub param: String,
+    /// Position within the parameter (lists and gathers hold several references).
+    pub position: usize,
+    /// The upstream stage's name (recorded, not keyed).
+    pub upstream: String,
+    /// The upstream output's name (recorded, not keyed).
+    pub output: String,
+    /// Digest of the upstream output tree (keyed).
+    pub digest: Digest,
+}
+
+/// One external file or directory this stage reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalDigest {
+    /// The parameter naming it.
+    pub param: String,
+    /// The path as the user wrote it, relative to the recipe directory (recorded; the
+    /// parameter value that spells it is keyed through `params`).
+    pub path: String,
+    /// Content digest (keyed).
+    pub digest: Digest,
+}
+
+/// Everything that went into one stage key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyManifest {
+    /// The key schema version ([`KEY_SCHEMA`]).
+    pub schema: u32,
+    /// The stage kind (`train.lora`).
+    pub kind: String,
+    /// The kind's version.
+    pub kind_version: u32,
+    /// Canonical parameters, defaults filled, references replaced by [`REF_PLACEHOLDER`].
+    pub params: serde_json::Value,
+    /// Upstream outputs, sorted by `(param, position)`.
+    pub inputs: Vec<InputDigest>,
+    /// External files, sorted by `(param, path)`.
+    pub externals: Vec<ExternalDigest>,
+    /// The derived seed.
+    pub seed: u64,
+    /// Allowlisted environment values (see [`crate::env_vars::KEYED`]); absent variables are
+    /// left out.
+    pub env: BTreeMap<String, String>,
+}
+
+impl KeyManifest {
+    /// The stage key: blake3 over the canonical encoding of the keyed fields.
+    #[must_use]
+    pub fn key(&self) -> Digest {
+        let mut h = StableHasher::new(KEY_DOMAIN);
+        h.write(&self.schema);
+        h.write(self.kind.as_str());
+        h.write(&self.kind_version);
+        h.write(&self.params);
+        h.write_len(self.inputs.len());
+        for input in &self.inputs {
+            h.write(input.param.as_str());
+            h.write(&input.position);
+            h.write(input.digest.as_bytes());
+        }
+        h.write_len(self.externals.len());
+        for ext in &self.externals {
+            h.write(ext.param.as_str());
+            h.write(ext.path.as_str());
+            h.write(ext.digest.as_bytes());
+        }
+        h.write(&self.seed);
+        h.write(&self.env);
+        Digest(h.finish())
+    }
+
+    /// Whether this manifest was written by the current key schema.
+    #[must_use]
+    pub fn current_schema(&self) -> bool {
+        self.schema == KEY_SCHEMA
+    }
+}
+
+impl StableHash for Digest {
+    fn stable_hash(&self, h: &mut StableHasher) {
+        h.write_bytes(self.as_bytes());
+    }
+}
+
+/// The seed of a stage: blake3 `derive_key` over the experiment seed and the stage name, so
+/// that sibling stages draw independent streams and a rerun draws the same one.
+#[must_use]
+pub fn derive_seed(experiment_seed: u64, stage: &str) -> u64 {
+    let mut h = blake3::Hasher::new_derive_key(SEED_DOMAIN);
+    h.update(&experiment_seed.to_le_bytes());
+    h.update(&(stage.len() as u64).to_le_bytes());
+    h.update(stage.as_bytes());
+    let out = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&out.as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}
+
+/// Replace every reference string (`"@stage..."`) in the parameters named by `ref_params` by
+/// [`REF_PLACEHOLDER`], in place.
+pub fn mask_refs<'a>(
+    params: &mut serde_json::Value,
+    ref_params: impl IntoIterator<Item = &'a str>,
+) {
+    let serde_json::Value::Object(map) = params else {
+        return;
+    };
+    for name in ref_params {
+        if let Some(v) = map.get_mut(name) {
+            mask_value(v);
+        }
+    }
+}
+
+fn mask_value(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) if s.starts_with('@') => *s = REF_PLACEHOLDER.to_owned(),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(mask_value),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn manifest() -> KeyManifest {
+        KeyManifest {
+            schema: KEY_SCHEMA,
+            kind: "test.echo".into(),
+            kind_version: 1,
+            params: json!({"p": 1, "data": REF_PLACEHOLDER}),
+            inputs: vec![InputDigest {
+                param: "data".into(),
+                position: 0,
+                upstream: "a".into(),
+                output: "out".into(),
+                digest: Digest([7; 32]),
+            }],
+            externals: vec![],
+            seed: 42,
+            env: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn recorded_fields_are_not_keyed() {
+        let a = manifest();
+        let mut b = manifest();
+        b.inputs[0].upstream = "renamed".into();
+        b.inputs[0].output = "other".into();
+        assert_eq!(a.key(), b.key());
+    }
+
+    #[test]
+    fn keyed_fields_change_the_key() {
+        let base = manifest().key();
+        let mut m = manifest();
+        m.inputs[0].digest = Digest([8; 32]);
+        assert_ne!(m.key(), base);
+        let mut m = manifest();
+        m.kind_version = 2;
+        assert_ne!(m.key(), base);
+        let mut m = manifest();
+        m.seed = 43;
+        assert_ne!(m.key(), base);
+        let mut m = manifest();
+        m.env.insert("PIPELINE_DEVICE".into(), "cuda".into());
+        assert_ne!(m.key(), base);
+        let mut m = manifest();
+        m.params["p"] = json!(2);
+        assert_ne!(m.key(), base);
+    }
+
+    #[test]
+    fn seeds_differ_per_stage_and_experiment_seed() {
+        assert_eq!(derive_seed(1, "a"), derive_seed(1, "a"));
+        assert_ne!(derive_seed(1, "a"), derive_seed(1, "b"));
+        assert_ne!(derive_seed(1, "a"), derive_seed(2, "a"));
+    }
+
+    #[test]
+    fn refs_are_masked_only_in_ref_params() {
+        let mut p = json!({"data": "@a", "deps": ["@b", "seed.txt"], "note": "@literal"});
+        mask_refs(&mut p, ["data", "deps"]);
+        assert_eq!(
+            p,
+            json!({"data": REF_PLACEHOLDER, "deps": [REF_PLACEHOLDER, "seed.txt"], "note": "@literal"})
+        );
+    }
+}
