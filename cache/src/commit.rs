@@ -1,0 +1,277 @@
+//! The commit protocol: [`Staging`] directories and [`Cache::commit`].
+//!
+//! 1. `stage_dir(key, outputs)` makes `tmp/stage-<key>.<pid>.<n>/` with `out/<name>/` per
+//!    output; the stage writes there (and its log to `log.txt`).
+//! 2. `commit` takes the shared gc lock, hashes every output file (rayon; through the stat
+//!    cache), then moves each file into `objects/<aa>/<digest>` by `rename` (same
+//!    filesystem by construction), skipping objects that already exist with the right size
+//!    (dedup). New objects are made read-only and fsync'ed before the rename, so an object
+//!    that exists is complete.
+//! 3. The log moves into `entries/<key>/`, and `manifest.json` is written *last*
+//!    (temp + fsync + rename + fsync of the directory). It is the commit marker: a crash at
+//!    any earlier point leaves no manifest, hence no entry; what it leaves (objects without
+//!    a manifest, a staging dir) is garbage for `gc`, never wrong data.
+//! 4. The staging and checkpoint directories are removed.
+//!
+//! Object renames are not followed by an fsync of `objects/<aa>/`: if a power loss undoes
+//! one, `lookup` finds the object missing and reports a miss, which is sound.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use rayon::prelude::*;
+
+use crate::digest::Key;
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::hash::{self, NodeKind, Tree};
+use crate::manifest::{CommitMeta, Entry, MANIFEST_FORMAT, Manifest};
+use crate::store::Cache;
+
+/// A staging area for one attempt at a key. Dropping it without committing removes it.
+#[derive(Debug)]
+pub struct Staging {
+    key: Key,
+    dir: PathBuf,
+    outputs: Vec<String>,
+    keep: bool,
+}
+
+impl Staging {
+    /// The key being computed.
+    #[must_use]
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
+    /// The directory the stage writes output `name` into.
+    ///
+    /// # Panics
+    /// Never for a name passed to `stage_dir`; other names are a caller bug.
+    #[must_use]
+    pub fn output(&self, name: &str) -> PathBuf {
+        assert!(
+            self.outputs.iter().any(|o| o == name),
+            "BUG: output `{name}` was not declared to stage_dir"
+        );
+        self.dir.join("out").join(name)
+    }
+
+    /// Output names, as declared.
+    #[must_use]
+    pub fn outputs(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// Where the stage's log goes; it is kept in the entry as `log.txt`.
+    #[must_use]
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("log.txt")
+    }
+
+    /// The staging directory itself.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.keep {
+            // Best effort: leftovers are collected by gc.
+            let _ = fsutil::remove_tree(Path::new("/"), &self.dir);
+        }
+    }
+}
+
+/// A point in [`Cache::commit`] where a test can simulate a crash.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// After hashing, before any object is moved.
+    AfterHash,
+    /// After objects are in place, before the entry directory exists.
+    AfterObjects,
+    /// After the log moved into the entry directory, before the manifest.
+    AfterLog,
+    /// After the manifest temp file is written, before the rename.
+    BeforeManifestRename,
+}
+
+impl Cache {
+    /// Creates a staging directory for `key` with one empty directory per output.
+    ///
+    /// # Errors
+    /// Invalid output names; the cache is not writable.
+    pub fn stage_dir(&self, key: &Key, outputs: &[&str]) -> Result<Staging> {
+        let dir = self
+            .v
+            .join("tmp")
+            .join(fsutil::unique_name(&format!("stage-{}", key.to_hex())));
+        let mut staging = Staging {
+            key: *key,
+            dir,
+            outputs: Vec::new(),
+            keep: false,
+        };
+        for name in outputs {
+            let out = fsutil::safe_join(&staging.dir.join("out"), "output", name, false)?;
+            fsutil::mkdirs(&self.root, &out)?;
+            staging.outputs.push((*name).to_owned());
+        }
+        fsutil::mkdirs(&self.root, &staging.dir)?;
+        Ok(staging)
+    }
+
+    /// Commits a staging directory as the entry for its key (see the module docs).
+    ///
+    /// # Errors
+    /// Unreadable outputs, special files or non-UTF-8 names in an output; a cache that is
+    /// not writable or a full disk. On error no entry exists.
+    pub fn commit(&self, staging: Staging, meta: CommitMeta) -> Result<Entry> {
+        self.commit_until(staging, meta, None)
+    }
+
+    /// [`Cache::commit`], stopping (as if the process died) at `crash`. For tests.
+    #[doc(hidden)]
+    pub fn commit_until(
+        &self,
+        mut staging: Staging,
+        meta: CommitMeta,
+        crash: Option<CrashPoint>,
+    ) -> Result<Entry> {
+        let finished = SystemTime::now();
+        let _gc = self.gc_shared()?;
+        let key = staging.key;
+
+        // 1. Hash every output file, in parallel across all outputs.
+        let mut walked = Vec::new();
+        for name in &staging.outputs {
+            let dir = staging.dir.join("out").join(name);
+            walked.push((name.clone(), hash::walk(&dir, false)?));
+        }
+        let counts: Vec<usize> = walked.iter().map(|(_, w)| w.len()).collect();
+        let all: Vec<hash::Walked> = walked.into_iter().flat_map(|(_, w)| w).collect();
+        let all = hash::hash_walked(all, None)?;
+        if crash == Some(CrashPoint::AfterHash) {
+            staging.keep = true;
+            return Err(simulated());
+        }
+
+        // 2. Move files into objects.
+        all.par_iter()
+            .filter(|w| w.entry.kind == NodeKind::File)
+            .try_for_each(|w| self.store_object(w))?;
+        if crash == Some(CrashPoint::AfterObjects) {
+            staging.keep = true;
+            return Err(simulated());
+        }
+
+        let mut outputs = std::collections::BTreeMap::new();
+        let mut it = all.into_iter();
+        for (name, n) in staging.outputs.iter().zip(counts) {
+            let entries = it.by_ref().take(n).map(|w| w.entry).collect();
+            outputs.insert(name.clone(), Tree::from_entries(entries));
+        }
+
+        // 3. Entry directory, log, then the manifest last.
+        let edir = self.entry_dir(&key);
+        fsutil::mkdirs(&self.root, &edir)?;
+        let log = staging.log_path();
+        if log.exists() {
+            let dst = edir.join("log.txt");
+            fs::rename(&log, &dst).map_err(|e| self.io(&dst, "cannot move log to", e))?;
+        }
+        if crash == Some(CrashPoint::AfterLog) {
+            staging.keep = true;
+            return Err(simulated());
+        }
+        let ms = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        };
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            key,
+            kind: meta.kind,
+            stage: meta.stage,
+            experiment: meta.experiment,
+            inputs: meta.inputs,
+            outputs,
+            started_ms: ms(meta.started),
+            finished_ms: ms(finished),
+            duration_ms: ms(finished).saturating_sub(ms(meta.started)),
+            host: self.host.clone(),
+        };
+        let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Parse {
+            path: edir.join("manifest.json"),
+            source: e,
+        })?;
+        if crash == Some(CrashPoint::BeforeManifestRename) {
+            let tmp = edir.join(fsutil::unique_name(".manifest.json.tmp"));
+            fs::write(&tmp, &bytes).map_err(|e| self.io(&tmp, "cannot write", e))?;
+            staging.keep = true;
+            return Err(simulated());
+        }
+        fsutil::write_atomic(
+            &self.root,
+            &edir.join("manifest.json"),
+            &bytes,
+            self.opts.fsync,
+        )?;
+
+        // 4. Clean up; failures here leave garbage for gc, not a bad entry.
+        drop(staging);
+        let _ = fsutil::remove_tree(&self.root, &self.v.join("checkpoints").join(key.to_hex()));
+        Ok(Entry {
+            key,
+            dir: edir,
+            manifest,
+        })
+    }
+
+    fn store_object(&self, w: &hash::Walked) -> Result<()> {
+        let digest = w.entry.digest.expect("hash_walked fills file digests");
+        let obj = self.object_path(&digest);
+        if let Ok(m) = fs::metadata(&obj) {
+            if m.len() == w.entry.size {
+                return Ok(()); // dedup: the staged copy goes away with the staging dir
+            }
+            // A wrong-size object is corrupt; replace it.
+            let _ = fs::remove_file(&obj);
+        }
+        fs::set_permissions(&w.abs, fs::Permissions::from_mode(0o444))
+            .map_err(|e| self.io(&w.abs, "cannot chmod", e))?;
+        if self.opts.fsync {
+            fs::File::open(&w.abs)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| self.io(&w.abs, "cannot sync", e))?;
+        }
+        let parent = obj.parent().expect("objects have a fan-out parent");
+        if let Err(e) = fs::rename(&w.abs, &obj) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(self.io(&obj, "cannot move object to", e));
+            }
+            fsutil::mkdirs(&self.root, parent)?;
+            fs::rename(&w.abs, &obj).map_err(|e| self.io(&obj, "cannot move object to", e))?;
+        }
+        // We hashed these bytes ourselves a moment ago: materializing them in this process
+        // needs no second hash.
+        self.verified_objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest);
+        Ok(())
+    }
+}
+
+fn simulated() -> Error {
+    Error::Io {
+        what: "simulated crash in",
+        path: PathBuf::from("commit"),
+        source: std::io::Error::other("crash point"),
+    }
+}

@@ -1,0 +1,131 @@
+//! [`Digest`]: a 32-byte blake3 digest, the one hash type of the store.
+//!
+//! It displays as 12 hex characters (enough to tell entries apart in logs and `plan`
+//! output), formats in full with `{:#}` or [`Digest::to_hex`], and serializes as the full
+//! 64-character lower-case hex string so manifests stay greppable and diffable.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A blake3 digest of content (a file, a tree) or of a canonical key encoding.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+/// A stage key. The engine computes it (blake3 over its canonical key encoding); the store
+/// only uses it as a name, so it is the same type as a content digest.
+pub type Key = Digest;
+
+/// Number of hex characters shown by `Display`.
+const SHORT_HEX: usize = 12;
+
+impl Digest {
+    /// Hashes a byte slice.
+    ///
+    /// ```
+    /// let d = cache::Digest::of_bytes(b"abc");
+    /// assert_eq!(d.to_hex().len(), 64);
+    /// assert_eq!(d.to_string().len(), 12);
+    /// ```
+    #[must_use]
+    pub fn of_bytes(bytes: &[u8]) -> Self {
+        Self(*blake3::hash(bytes).as_bytes())
+    }
+
+    /// The full 64-character lower-case hex form.
+    #[must_use]
+    pub fn to_hex(&self) -> String {
+        blake3::Hash::from_bytes(self.0).to_hex().to_string()
+    }
+
+    /// The raw bytes.
+    #[must_use]
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl From<blake3::Hash> for Digest {
+    fn from(h: blake3::Hash) -> Self {
+        Self(*h.as_bytes())
+    }
+}
+
+impl fmt::Display for Digest {
+    /// Short hex by default; the full hex with the alternate flag (`{:#}`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hex = self.to_hex();
+        if f.alternate() {
+            f.write_str(&hex)
+        } else {
+            f.write_str(&hex[..SHORT_HEX])
+        }
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self)
+    }
+}
+
+/// A string that is not 64 hex characters.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a 64-character hex digest")]
+pub struct ParseDigestError(pub String);
+
+impl FromStr for Digest {
+    type Err = ParseDigestError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        blake3::Hash::from_hex(s)
+            .map(Self::from)
+            .map_err(|_| ParseDigestError(s.to_owned()))
+    }
+}
+
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct HexVisitor;
+        impl serde::de::Visitor<'_> for HexVisitor {
+            type Value = Digest;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a 64-character hex digest")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Digest, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(HexVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trip_and_short_display() {
+        let d = Digest::of_bytes(b"hello");
+        let hex = d.to_hex();
+        assert_eq!(hex, blake3::hash(b"hello").to_hex().as_str());
+        assert_eq!(hex.parse::<Digest>().unwrap(), d);
+        assert_eq!(format!("{d}"), hex[..12]);
+        assert_eq!(format!("{d:#}"), hex);
+    }
+
+    #[test]
+    fn serde_is_full_hex_string() {
+        let d = Digest::of_bytes(b"x");
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(json, format!("\"{}\"", d.to_hex()));
+        assert_eq!(serde_json::from_str::<Digest>(&json).unwrap(), d);
+        assert!(serde_json::from_str::<Digest>("\"abc\"").is_err());
+        assert!("zz".parse::<Digest>().is_err());
+    }
+}

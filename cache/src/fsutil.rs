@@ -1,0 +1,194 @@
+//! Small filesystem helpers shared by the store: atomic writes, unique temp names, fsync of
+//! directories, and removal of read-only trees.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A name unique across processes and threads: `<prefix>.<pid>.<counter>.<nanos>`.
+pub(crate) fn unique_name(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{prefix}.{}.{n}.{t}", std::process::id())
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Writes `bytes` to `path` atomically: a temp file in the same directory, optionally
+/// fsync'ed, then renamed over `path`. Readers see the old or the new content, never a
+/// prefix (the DVC failure mode of an empty lock file after SIGTERM).
+pub(crate) fn write_atomic(root: &Path, path: &Path, bytes: &[u8], sync: bool) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(unique_name(&format!(".{name}.tmp")));
+    let write = || -> std::io::Result<()> {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(bytes)?;
+        if sync {
+            f.sync_all()?;
+        }
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(root, &tmp, "cannot write", e));
+    }
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(root, path, "cannot rename into", e));
+    }
+    if sync {
+        sync_dir(root, dir)?;
+    }
+    Ok(())
+}
+
+/// fsyncs a directory so that renames into it survive a power loss.
+pub(crate) fn sync_dir(root: &Path, dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(root, dir, "cannot sync", e))
+}
+
+/// `create_dir_all` with a classified error.
+pub(crate) fn mkdirs(root: &Path, dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(root, dir, "cannot create directory", e))
+}
+
+/// Removes a file or directory tree, first making read-only directories writable (trees in
+/// the store are read-only; as a non-root user `remove_dir_all` fails on them). A path that
+/// does not exist is not an error.
+pub(crate) fn remove_tree(root: &Path, path: &Path) -> Result<()> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(root, path, "cannot stat", e)),
+    };
+    if !meta.is_dir() {
+        return match fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io(root, path, "cannot remove", e))
+            }
+            _ => Ok(()),
+        };
+    }
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(_) => {
+            for d in walkdir::WalkDir::new(path).into_iter().flatten() {
+                if d.file_type().is_dir() {
+                    let _ = fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755));
+                }
+            }
+            fs::remove_dir_all(path).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(Error::io(root, path, "cannot remove", e))
+                }
+            })
+        }
+    }
+}
+
+/// Total size of the files under `path` (for gc accounting); errors count as 0.
+pub(crate) fn du(path: &Path) -> u64 {
+    walkdir::WalkDir::new(path)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// `path` relative-joined to `base` after checking each component is a plain name.
+pub(crate) fn safe_join(
+    base: &Path,
+    what: &'static str,
+    name: &str,
+    allow_slash: bool,
+) -> Result<PathBuf> {
+    let bad = |why| Error::InvalidName {
+        what,
+        name: name.to_owned(),
+        why,
+    };
+    if name.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if name.contains('\0') {
+        return Err(bad("it contains a NUL byte"));
+    }
+    if !allow_slash && name.contains('/') {
+        return Err(bad("it contains `/`"));
+    }
+    let mut out = base.to_path_buf();
+    for part in name.split('/') {
+        if part.is_empty() || part == "." || part == ".." {
+            return Err(bad("it has an empty, `.` or `..` path component"));
+        }
+        out.push(part);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("m.json");
+        write_atomic(t.path(), &p, b"one", true).unwrap();
+        write_atomic(t.path(), &p, b"two", false).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read_dir(t.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn full_device_is_reported_as_no_space() {
+        // /dev/full fails every write with ENOSPC: a real kernel error through our path.
+        let Ok(mut f) = OpenOptions::new().write(true).open("/dev/full") else {
+            return;
+        };
+        let e = f
+            .write_all(&[0u8; 4096])
+            .and_then(|()| f.flush())
+            .unwrap_err();
+        let err = Error::io(Path::new("/c"), Path::new("/dev/full"), "cannot write", e);
+        assert_eq!(
+            err.to_string(),
+            "no space left on device while writing `/dev/full`"
+        );
+    }
+
+    #[test]
+    fn safe_join_rejects_escapes() {
+        let b = Path::new("/r");
+        assert_eq!(
+            safe_join(b, "stage", "a/b", true).unwrap(),
+            Path::new("/r/a/b")
+        );
+        assert!(safe_join(b, "stage", "a/../b", true).is_err());
+        assert!(safe_join(b, "experiment", "a/b", false).is_err());
+        assert!(safe_join(b, "stage", "", true).is_err());
+        assert!(safe_join(b, "stage", "/abs", true).is_err());
+    }
+}

@@ -1,0 +1,511 @@
+//! [`Cache`]: opening the store, lookups, and materializing output trees.
+//!
+//! Verification policy (cheap but sound):
+//! - `lookup` reads one manifest and `stat`s every object it lists: a missing object or a
+//!   wrong size is a miss (the entry is removed). No content is hashed, so a no-op rerun of
+//!   1000 stages costs 1000 small reads plus stats.
+//! - `materialize` checks content. Building a tree directory verifies every object's
+//!   blake3 against the manifest before linking it. An existing tree directory is checked
+//!   the first time a process uses it: sizes always, content through the stat cache (a file
+//!   written to after it was recorded has a new ctime and is rehashed) — so any modification
+//!   through the filesystem is caught; media bit rot under unchanged metadata is caught only
+//!   with `paranoid` (which rehashes everything every time).
+//! - A mismatch is [`Error::Corrupt`]: the bad object, the tree built from it and the entry
+//!   are removed, and the engine reruns the stage. Bad data is never handed to a stage.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rayon::prelude::*;
+
+use crate::digest::{Digest, Key};
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::hash::{self, NodeKind, Tree};
+use crate::manifest::{Entry, Lookup, MANIFEST_FORMAT, Manifest, MissReason};
+use crate::stat_cache::StatCache;
+
+/// Name of the versioned layout directory; bump on any incompatible layout change (old
+/// layouts are then simply ignored, as uv does with its bucket versions).
+pub const LAYOUT_VERSION: &str = "v1";
+
+/// Options of [`Cache::open_with`].
+#[derive(Debug, Clone)]
+pub struct CacheOptions {
+    /// Rehash everything: bypass the stat cache and re-verify trees on every materialize.
+    pub paranoid: bool,
+    /// fsync objects, manifests and directories on commit (on by default; off only makes
+    /// sense for throwaway caches and benchmarks).
+    pub fsync: bool,
+    /// How often a lock holder refreshes its heartbeat.
+    pub heartbeat: Duration,
+    /// A lock whose heartbeat is older than `stale_after × heartbeat` is broken.
+    pub stale_after: u32,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        Self {
+            paranoid: false,
+            fsync: true,
+            heartbeat: Duration::from_secs(5),
+            stale_after: 6,
+        }
+    }
+}
+
+/// The content-addressed store. `Sync`: share one per process across threads.
+#[derive(Debug)]
+pub struct Cache {
+    pub(crate) root: PathBuf,
+    pub(crate) v: PathBuf,
+    pub(crate) opts: CacheOptions,
+    pub(crate) stat: StatCache,
+    pub(crate) host: String,
+    /// Trees whose content this process has verified.
+    verified_trees: Mutex<HashSet<Digest>>,
+    /// Objects whose content this process hashed itself (committed or verified).
+    pub(crate) verified_objects: Mutex<HashSet<Digest>>,
+}
+
+const SUBDIRS: [&str; 7] = [
+    "objects",
+    "entries",
+    "refs",
+    "tmp",
+    "locks",
+    "checkpoints",
+    "trees",
+];
+
+impl Cache {
+    /// Opens (creating if needed) the store at `root` with default options.
+    ///
+    /// # Errors
+    /// The directory cannot be created or written ("cache directory `...` is not writable").
+    pub fn open(root: &Path) -> Result<Cache> {
+        Cache::open_with(root, CacheOptions::default())
+    }
+
+    /// Opens the store with options.
+    ///
+    /// # Errors
+    /// As [`Cache::open`].
+    pub fn open_with(root: &Path, opts: CacheOptions) -> Result<Cache> {
+        let root =
+            std::path::absolute(root).map_err(|e| Error::io(root, root, "cannot resolve", e))?;
+        let v = root.join(LAYOUT_VERSION);
+        for d in SUBDIRS {
+            fsutil::mkdirs(&root, &v.join(d))?;
+        }
+        // Existing directories can still be read-only: probe once so the error comes now,
+        // with a clear message, rather than in the middle of a commit.
+        let probe = v.join("tmp").join(fsutil::unique_name(".probe"));
+        File::create(&probe).map_err(|e| Error::io(&root, &probe, "cannot write", e))?;
+        let _ = fs::remove_file(&probe);
+        let mut stat = StatCache::load(&v.join("statcache.bin"));
+        stat.set_paranoid(opts.paranoid);
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        Ok(Cache {
+            root,
+            v,
+            opts,
+            stat,
+            host,
+            verified_trees: Mutex::new(HashSet::new()),
+            verified_objects: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The root given to `open` (absolute).
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The stat cache (for external inputs).
+    #[must_use]
+    pub fn stat_cache(&self) -> &StatCache {
+        &self.stat
+    }
+
+    /// Mutable access to the stat cache (e.g. to change its racy window in tests).
+    pub fn stat_cache_mut(&mut self) -> &mut StatCache {
+        &mut self.stat
+    }
+
+    /// Content digest of an external file or directory, through the stat cache.
+    ///
+    /// # Errors
+    /// Unreadable path.
+    pub fn digest_path(&self, path: &Path) -> Result<Digest> {
+        self.stat.digest_path(path)
+    }
+
+    /// Persists the stat cache now (also done on drop).
+    ///
+    /// # Errors
+    /// The stat cache file cannot be written.
+    pub fn save_stat_cache(&self) -> Result<()> {
+        self.stat.save()
+    }
+
+    pub(crate) fn object_path(&self, d: &Digest) -> PathBuf {
+        let hex = d.to_hex();
+        self.v.join("objects").join(&hex[..2]).join(hex)
+    }
+
+    pub(crate) fn entry_dir(&self, key: &Key) -> PathBuf {
+        self.v.join("entries").join(key.to_hex())
+    }
+
+    pub(crate) fn tree_dir(&self, d: &Digest) -> PathBuf {
+        self.v.join("trees").join(d.to_hex())
+    }
+
+    pub(crate) fn io(&self, path: &Path, what: &'static str, e: std::io::Error) -> Error {
+        Error::io(&self.root, path, what, e)
+    }
+
+    /// Takes the shared side of the gc lock: commits and tree builds hold it so that a
+    /// concurrent `gc` never deletes objects that a manifest is about to reference.
+    pub(crate) fn gc_shared(&self) -> Result<File> {
+        let p = self.v.join("gc.lock");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| self.io(&p, "cannot open", e))?;
+        f.lock_shared().map_err(|e| self.io(&p, "cannot lock", e))?;
+        Ok(f)
+    }
+
+    /// Looks up a committed entry: `Some` only if its manifest parses and every object
+    /// exists with the right size. A bad entry is removed and reported as `None`; use
+    /// [`Cache::probe`] to learn why.
+    ///
+    /// # Errors
+    /// Only environment failures while removing a bad entry.
+    pub fn lookup(&self, key: &Key) -> Result<Option<Entry>> {
+        Ok(match self.probe(key)? {
+            Lookup::Hit(e) => Some(*e),
+            Lookup::Miss(_) => None,
+        })
+    }
+
+    /// Like [`Cache::lookup`], with the reason for a miss.
+    ///
+    /// # Errors
+    /// Only environment failures while removing a bad entry.
+    pub fn probe(&self, key: &Key) -> Result<Lookup> {
+        let dir = self.entry_dir(key);
+        let mpath = dir.join("manifest.json");
+        let bytes = match fs::read(&mpath) {
+            Ok(b) => b,
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                return Ok(Lookup::Miss(MissReason::NotFound));
+            }
+            Err(e) => {
+                // Unreadable (permissions, I/O error): degrade to a rerun, keep the entry.
+                return Ok(Lookup::Miss(MissReason::BadManifest {
+                    path: mpath,
+                    detail: e.to_string(),
+                }));
+            }
+        };
+        let manifest: Manifest = match serde_json::from_slice(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                return self.reject(
+                    key,
+                    MissReason::BadManifest {
+                        path: mpath,
+                        detail: e.to_string(),
+                    },
+                );
+            }
+        };
+        if manifest.key != *key || manifest.format != MANIFEST_FORMAT {
+            let detail = format!("records key {} format {}", manifest.key, manifest.format);
+            return self.reject(
+                key,
+                MissReason::BadManifest {
+                    path: mpath,
+                    detail,
+                },
+            );
+        }
+        let files: Vec<(Digest, u64)> = manifest
+            .outputs
+            .values()
+            .flat_map(Tree::files)
+            .filter_map(|e| Some((e.digest?, e.size)))
+            .collect();
+        let check = |(d, size): &(Digest, u64)| -> Option<MissReason> {
+            let p = self.object_path(d);
+            match fs::metadata(&p) {
+                Ok(m) if m.len() == *size => None,
+                Ok(m) => Some(MissReason::Corrupt {
+                    detail: format!("size {} but manifest says {size}", m.len()),
+                    path: p,
+                }),
+                Err(_) => Some(MissReason::MissingObject { path: p }),
+            }
+        };
+        // Stats are cheap; parallelism only pays for big listings.
+        let bad = if files.len() > 256 {
+            files.par_iter().find_map_any(check)
+        } else {
+            files.iter().find_map(check)
+        };
+        if let Some(reason) = bad {
+            if let MissReason::Corrupt { path, .. } = &reason {
+                let _ = fs::remove_file(path);
+            }
+            return self.reject(key, reason);
+        }
+        Ok(Lookup::Hit(Box::new(Entry {
+            key: *key,
+            dir,
+            manifest,
+        })))
+    }
+
+    fn reject(&self, key: &Key, reason: MissReason) -> Result<Lookup> {
+        self.remove_entry(key)?;
+        Ok(Lookup::Miss(reason))
+    }
+
+    /// Removes an entry (its manifest first, so a half-removed entry is never a hit).
+    ///
+    /// # Errors
+    /// The entry directory cannot be removed.
+    pub fn remove_entry(&self, key: &Key) -> Result<()> {
+        let dir = self.entry_dir(key);
+        match fs::remove_file(dir.join("manifest.json")) {
+            Ok(()) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {}
+            Err(e) => return Err(self.io(&dir, "cannot remove", e)),
+        }
+        fsutil::remove_tree(&self.root, &dir)
+    }
+
+    /// The scratch directory where a running stage keeps its checkpoints; it survives
+    /// interruption (so a rerun resumes) and is removed when the key commits.
+    ///
+    /// # Errors
+    /// The directory cannot be created.
+    pub fn checkpoint_dir(&self, key: &Key) -> Result<PathBuf> {
+        let d = self.v.join("checkpoints").join(key.to_hex());
+        fsutil::mkdirs(&self.root, &d)?;
+        Ok(d)
+    }
+
+    /// A read-only directory holding output `output` of `entry`:
+    /// `<root>/v1/trees/<tree-digest>/`, built atomically from the objects (hardlinks where
+    /// possible) and verified as described in the module docs.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] if an object is missing or has the wrong content (the entry is
+    /// removed: treat it as a miss); environment failures.
+    pub fn materialize(&self, entry: &Entry, output: &str) -> Result<PathBuf> {
+        let tree = entry
+            .manifest
+            .outputs
+            .get(output)
+            .ok_or_else(|| Error::NoSuchOutput {
+                key: entry.key,
+                output: output.to_owned(),
+            })?;
+        let dir = self.tree_dir(&tree.digest);
+        let known = self
+            .verified_trees
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&tree.digest);
+        let res = if dir.is_dir() {
+            self.verify_tree(&dir, tree, known && !self.opts.paranoid)
+        } else {
+            self.build_tree(&dir, tree)
+        };
+        match res {
+            Ok(()) => {
+                self.verified_trees
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(tree.digest);
+                Ok(dir)
+            }
+            Err(e @ Error::Corrupt { .. }) => {
+                self.verified_trees
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&tree.digest);
+                fsutil::remove_tree(&self.root, &dir)?;
+                self.remove_entry(&entry.key)?;
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks a file against its recorded digest: stat cache, or this process's own hash,
+    /// or a fresh hash. On mismatch the file is removed and `Corrupt` returned.
+    fn verify_file(&self, path: &Path, want: &Digest, size: u64, object: &Path) -> Result<()> {
+        let corrupt = |detail: String| {
+            let _ = fs::remove_file(object);
+            Err(Error::Corrupt {
+                path: object.to_path_buf(),
+                detail,
+            })
+        };
+        let meta = match fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound => return corrupt("missing".into()),
+            Err(e) => return Err(self.io(path, "cannot stat", e)),
+        };
+        if meta.len() != size {
+            return corrupt(format!("size {} but manifest says {size}", meta.len()));
+        }
+        if !self.opts.paranoid
+            && self
+                .verified_objects
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(want)
+        {
+            return Ok(());
+        }
+        let (got, _) = self.stat.file_digest(path)?;
+        if got != *want {
+            return corrupt(format!("content hash {got} but manifest says {want}"));
+        }
+        self.verified_objects
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*want);
+        Ok(())
+    }
+
+    fn verify_tree(&self, dir: &Path, tree: &Tree, sizes_only: bool) -> Result<()> {
+        tree.files()
+            .collect::<Vec<_>>()
+            .par_iter()
+            .try_for_each(|e| {
+                let want = e.digest.unwrap_or(Digest([0; 32]));
+                let p = dir.join(&e.path);
+                if sizes_only {
+                    match fs::metadata(&p) {
+                        Ok(m) if m.len() == e.size => Ok(()),
+                        _ => Err(Error::Corrupt {
+                            path: p,
+                            detail: "missing or wrong size".into(),
+                        }),
+                    }
+                } else {
+                    // The tree file is a hardlink to (or copy of) the object: a corrupt one means
+                    // the object is bad too, so it is removed along with the tree.
+                    self.verify_file(&p, &want, e.size, &self.object_path(&want))
+                        .map_err(|err| match err {
+                            Error::Corrupt { detail, .. } => {
+                                let _ = fs::remove_file(self.object_path(&want));
+                                Error::Corrupt {
+                                    path: p.clone(),
+                                    detail,
+                                }
+                            }
+                            other => other,
+                        })
+                }
+            })
+    }
+
+    fn build_tree(&self, dest: &Path, tree: &Tree) -> Result<()> {
+        let _gc = self.gc_shared()?;
+        let tmp = self.v.join("tmp").join(fsutil::unique_name(&format!(
+            "tree-{}",
+            tree.digest.to_hex()
+        )));
+        let res = self
+            .fill_tree(&tmp, tree)
+            .and_then(|()| match fs::rename(&tmp, dest) {
+                Ok(()) => Ok(()),
+                // Another thread or process built the same tree first: theirs is as good.
+                Err(e)
+                    if dest.is_dir()
+                        || matches!(e.raw_os_error(), Some(libc::EEXIST | libc::ENOTEMPTY)) =>
+                {
+                    fsutil::remove_tree(&self.root, &tmp)
+                }
+                Err(e) => Err(self.io(dest, "cannot rename into", e)),
+            });
+        if res.is_err() {
+            let _ = fsutil::remove_tree(&self.root, &tmp);
+        }
+        res?;
+        let _ = fs::set_permissions(dest, fs::Permissions::from_mode(0o555));
+        Ok(())
+    }
+
+    fn fill_tree(&self, tmp: &Path, tree: &Tree) -> Result<()> {
+        fsutil::mkdirs(&self.root, tmp)?;
+        for e in tree.entries.iter().filter(|e| e.kind == NodeKind::Dir) {
+            fsutil::mkdirs(&self.root, &tmp.join(&e.path))?;
+        }
+        tree.entries.par_iter().try_for_each(|e| -> Result<()> {
+            let dst = tmp.join(&e.path);
+            match e.kind {
+                NodeKind::Dir => Ok(()),
+                NodeKind::Symlink => {
+                    let target = e.target.as_deref().unwrap_or("");
+                    std::os::unix::fs::symlink(target, &dst)
+                        .map_err(|err| self.io(&dst, "cannot create symlink", err))
+                }
+                NodeKind::File => {
+                    let want = e.digest.unwrap_or(Digest([0; 32]));
+                    let obj = self.object_path(&want);
+                    self.verify_file(&obj, &want, e.size, &obj)?;
+                    // Objects are stored read-only and without the exec bit; an executable
+                    // file gets its own copy so the shared object keeps its mode.
+                    if !e.is_exec() && fs::hard_link(&obj, &dst).is_ok() {
+                        return Ok(());
+                    }
+                    fs::copy(&obj, &dst).map_err(|err| self.io(&dst, "cannot copy to", err))?;
+                    let mode = if e.is_exec() { 0o555 } else { 0o444 };
+                    fs::set_permissions(&dst, fs::Permissions::from_mode(mode))
+                        .map_err(|err| self.io(&dst, "cannot chmod", err))
+                }
+            }
+        })?;
+        // Read-only directories, deepest first (the root is done after the rename, which
+        // needs it writable).
+        let mut dirs: Vec<&str> = tree
+            .entries
+            .iter()
+            .filter(|e| e.kind == NodeKind::Dir)
+            .map(|e| e.path.as_str())
+            .collect();
+        dirs.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for d in dirs {
+            let p = tmp.join(d);
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o555))
+                .map_err(|err| self.io(&p, "cannot chmod", err))?;
+        }
+        Ok(())
+    }
+
+    /// Hashes a directory tree with the store's stat cache (symlinks as link text, as for
+    /// outputs).
+    ///
+    /// # Errors
+    /// As [`hash::hash_tree`].
+    pub fn hash_output_tree(&self, dir: &Path) -> Result<Tree> {
+        hash::hash_tree_with(dir, Some(&self.stat), false)
+    }
+}
