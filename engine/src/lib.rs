@@ -6,6 +6,7 @@
 
 pub mod stage;
 pub mod recipe;
+pub mod graph;
 pub mod env_vars;
 pub mod events;
 pub mod key;
@@ -14,3 +15,12 @@ pub mod shell;
 pub mod testing;
 pub mod exec;
 pub mod plan;
+
+/// A registry holding the kinds the engine itself provides (`shell`); the binary adds the
+/// ML kinds from the `stages` crate.
+#[must_use]
+pub fn builtin_registry() -> stage::Registry {
+    let mut registry = stage::Registry::new();
+    registry.register(shell::Shell);
+    registry
+}

@@ -8,7 +8,6 @@
 //! - `test.slow`: `steps` steps of `step_ms` each, reporting progress, checking the cancel
 //!   flag between steps and checkpointing the step count, so an interrupted run resumes.
 
-use std::io::Write as _;
 use std::time::Duration;
 
 use serde::Deserialize;

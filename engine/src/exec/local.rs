@@ -436,6 +436,7 @@ impl Scheduler<'_> {
             manifest,
             upstream,
             reasons,
+            forced,
         };
         self.states[i] = State::Queued(Box::new(job));
         self.queue.insert(i);

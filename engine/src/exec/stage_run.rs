@@ -26,6 +26,8 @@ pub(super) struct Job {
     pub resources: Resources,
     /// Why it runs.
     pub reasons: Vec<RerunReason>,
+    /// `--force`: recompute even though an entry exists.
+    pub forced: bool,
 }
 
 /// How a job ended.
@@ -64,6 +66,10 @@ fn cache_err(doing: &str, e: cache::Error) -> StageError {
 }
 
 fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, StageError> {
+    if job.forced {
+        // Otherwise the lease would report the existing entry as a hit.
+        env.cache.remove_entry(&job.key).map_err(|e| cache_err("cannot remove the forced stage's entry", e))?;
+    }
     // The lease makes two processes never compute one key at once; the loser usually hits.
     let _guard = match env
         .cache
