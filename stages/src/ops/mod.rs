@@ -7,13 +7,29 @@
 //! (candle `CustomOp`s with a hand-written backward) where those exist for the input's
 //! dtype and device, and fall back to [`reference`], the composed-primitive versions,
 //! everywhere else. Signatures never change between the two, so model code is oblivious.
+//!
+//! Fused kernels (CPU, f32): [`rms_norm`], [`softmax_last_dim`], [`rope`] (module `fused`),
+//! [`attention`] (module `attention`: flash-style, GQA, additive mask), and [`linear`] /
+//! [`lora_linear`] with a frozen base weight (module `lora`: skips the weight-gradient GEMM
+//! candle would otherwise compute and discard). [`layer_norm`] and the activations use the
+//! composed path (candle's elementwise activations already have a backward).
 
-use candle_core::{Result, Tensor};
+use candle_core::{D, Result, Tensor};
 
+mod attention;
+mod fused;
+mod lora;
 pub mod reference;
+
+use fused::eligible;
 
 /// RMSNorm over the last dim: `x * rsqrt(mean(x²) + eps) * w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if eligible(&[x, w]) {
+        return x
+            .contiguous()?
+            .apply_op2(&w.contiguous()?, fused::RmsNorm { eps: eps as f32 });
+    }
     reference::rms_norm(x, w, eps)
 }
 
@@ -24,17 +40,57 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 
 /// Softmax over the last dim (computed in f32, cast back).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if eligible(&[x]) {
+        return x.contiguous()?.apply_op1(fused::Softmax);
+    }
     reference::softmax_last_dim(x)
 }
 
 /// Rotary embedding with HF `rotate_half`; `x: [b, heads, seq, d]`, `cos, sin: [b, seq, d]`.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if eligible(&[x, cos, sin]) {
+        return x
+            .contiguous()?
+            .apply_op3(&cos.contiguous()?, &sin.contiguous()?, fused::Rope);
+    }
     reference::rope(x, cos, sin)
 }
 
 /// Scaled-dot-product attention with GQA and an optional additive mask broadcastable to
 /// `[b, 1, s, t]`; `q: [b, hq, s, d]`, `k, v: [b, hkv, t, d]`. Returns `[b, hq, s, d]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+/// The mask is a constant: it receives no gradient.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    if eligible(&[q, k, v]) && mask.is_none_or(|m| eligible(&[m])) {
+        let (b, hq, s, _) = q.dims4()?;
+        let t = k.dim(2)?;
+        let mask = match mask {
+            None => None,
+            Some(m) => {
+                let per_head = m.rank() == 4 && hq > 1 && m.dim(1)? == hq;
+                let mh = if per_head { hq } else { 1 };
+                let data = m
+                    .detach()
+                    .broadcast_as((b, mh, s, t))?
+                    .contiguous()?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                Some(attention::Mask { data, per_head })
+            }
+        };
+        let op = attention::Attention {
+            scale: scale as f32,
+            mask,
+        };
+        return q
+            .contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+    }
     reference::attention(q, k, v, mask, scale)
 }
 
@@ -55,13 +111,60 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// `x Wᵀ (+ b)`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    reference::linear(x, w, b)
+    if eligible(&[x, w]) && frozen(w, b) && x.track_op() {
+        let op = lora::FrozenLinear {
+            w: w.detach(),
+            b: b.map(Tensor::detach),
+        };
+        return x.contiguous()?.apply_op1(op);
+    }
+    as_rows(x, |x2| lora::linear2d(x2, w, b))
 }
 
 /// LoRA linear: `x Wᵀ + b + scale · (x Aᵀ) Bᵀ`, `w: [out, in]`, `a: [r, in]`, `bm: [out, r]`.
-pub fn lora_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: &Tensor, bm: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    a: &Tensor,
+    bm: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    if eligible(&[x, w, a, bm]) && frozen(w, b) {
+        let op = lora::LoraLinear {
+            w: w.detach(),
+            b: b.map(Tensor::detach),
+            scale,
+        };
+        return x
+            .contiguous()?
+            .apply_op3(&a.contiguous()?, &bm.contiguous()?, op);
+    }
     reference::lora_linear(x, w, b, a, bm, scale)
+}
+
+/// Whether the base weight and bias are constants (no gradient wanted).
+fn frozen(w: &Tensor, b: Option<&Tensor>) -> bool {
+    !w.track_op() && b.is_none_or(|b| !b.track_op() && eligible(&[b]))
+}
+
+/// Applies a 2-D matmul-based `f` to `x: [.., k]` flattened to `[N, k]`, restoring the
+/// leading dims. Plain 2-D GEMMs avoid candle's broadcast-batched matmul path.
+fn as_rows(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    if x.rank() == 2 {
+        return f(x);
+    }
+    let dims = x.dims().to_vec();
+    let k = x.dim(D::Minus1)?;
+    let y = f(&x.contiguous()?.reshape(((), k))?)?;
+    let mut out = dims;
+    if let Some(l) = out.last_mut() {
+        *l = y.dim(1)?;
+    }
+    y.reshape(out)
 }
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fused;

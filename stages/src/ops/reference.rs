@@ -64,7 +64,8 @@ pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let cos = cos.unsqueeze(1)?;
     let sin = sin.unsqueeze(1)?;
-    x.broadcast_mul(&cos)?.broadcast_add(&rotate_half(x)?.broadcast_mul(&sin)?)
+    x.broadcast_mul(&cos)?
+        .broadcast_add(&rotate_half(x)?.broadcast_mul(&sin)?)
 }
 
 /// Repeats each KV head `n_rep` times along dim 1 (HF `repeat_kv`: query head `h` uses
@@ -74,13 +75,21 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, hkv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, hkv, n_rep, t, d))?.reshape((b, hkv * n_rep, t, d))
+    x.unsqueeze(2)?
+        .broadcast_as((b, hkv, n_rep, t, d))?
+        .reshape((b, hkv * n_rep, t, d))
 }
 
 /// Eager scaled-dot-product attention: `softmax(q kᵀ * scale + mask) v`.
 /// `q: [b, hq, s, d]`, `k, v: [b, hkv, t, d]` with `hq` a multiple of `hkv`; `mask` is
 /// additive and broadcastable to `[b, 1, s, t]` (or `[b, hq, s, t]`).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
     let hq = q.dim(1)?;
     let hkv = k.dim(1)?;
     if hkv == 0 || hq % hkv != 0 {
@@ -121,7 +130,14 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// LoRA linear: `x Wᵀ + b + scale · (x Aᵀ) Bᵀ` with `a: [r, in]`, `bm: [out, r]`.
-pub fn lora_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, a: &Tensor, bm: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    a: &Tensor,
+    bm: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let base = linear(x, w, b)?;
     let low = linear(&linear(x, a, None)?, bm, None)?;
     base + (low * scale)?

@@ -4,13 +4,17 @@ use candle_core::{D, DType, Device, Tensor, Var};
 
 use super::*;
 
-fn randn(shape: &[usize], seed: u64) -> Tensor {
+pub(super) fn randn(shape: &[usize], seed: u64) -> Tensor {
     // Deterministic pseudo-random values without depending on candle's RNG.
     let n: usize = shape.iter().product();
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let v: Vec<f32> = (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
         })
         .collect();
@@ -18,7 +22,16 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<f32>> {
@@ -38,7 +51,10 @@ fn rms_norm_matches_loop() {
         .flat_map(|r| {
             let ms = r.iter().map(|v| v * v).sum::<f32>() / r.len() as f32;
             let inv = 1.0 / (ms + 1e-5).sqrt();
-            r.iter().zip(&wv).map(|(v, w)| v * inv * w).collect::<Vec<_>>()
+            r.iter()
+                .zip(&wv)
+                .map(|(v, w)| v * inv * w)
+                .collect::<Vec<_>>()
         })
         .collect();
     let want = Tensor::from_vec(want, x.shape(), &Device::Cpu).unwrap();
@@ -59,7 +75,9 @@ fn layer_norm_matches_loop() {
             let m = r.iter().sum::<f32>() / n;
             let var = r.iter().map(|v| (v - m) * (v - m)).sum::<f32>() / n;
             let inv = 1.0 / (var + 1e-5).sqrt();
-            (0..r.len()).map(|i| (r[i] - m) * inv * wv[i] + bv[i]).collect::<Vec<_>>()
+            (0..r.len())
+                .map(|i| (r[i] - m) * inv * wv[i] + bv[i])
+                .collect::<Vec<_>>()
         })
         .collect();
     let want = Tensor::from_vec(want, x.shape(), &Device::Cpu).unwrap();
@@ -104,7 +122,11 @@ fn rope_matches_loop() {
                 let base = ((bi * h + hi) * s + si) * d;
                 let cs = (bi * s + si) * d;
                 for i in 0..d {
-                    let rot = if i < d / 2 { -xv[base + i + d / 2] } else { xv[base + i - d / 2] };
+                    let rot = if i < d / 2 {
+                        -xv[base + i + d / 2]
+                    } else {
+                        xv[base + i - d / 2]
+                    };
                     want[base + i] = xv[base + i] * cv[cs + i] + rot * sv[cs + i];
                 }
             }
@@ -115,13 +137,28 @@ fn rope_matches_loop() {
 }
 
 /// Naive attention with explicit loops, GQA head mapping `h -> h / (hq / hkv)`.
-pub(super) fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f32) -> Tensor {
+pub(super) fn naive_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f32,
+) -> Tensor {
     let (b, hq, s, d) = q.dims4().unwrap();
     let (_, hkv, t, _) = k.dims4().unwrap();
     let qv = q.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let kv = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let vv = v.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let mv = mask.map(|m| m.broadcast_as((b, hq, s, t)).unwrap().contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let mv = mask.map(|m| {
+        m.broadcast_as((b, hq, s, t))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    });
     let mut out = vec![0f32; b * hq * s * d];
     for bi in 0..b {
         for h in 0..hq {
@@ -132,7 +169,9 @@ pub(super) fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&
                     .map(|j| {
                         let ko = ((bi * hkv + kh) * t + j) * d;
                         let dot: f32 = (0..d).map(|e| qv[qo + e] * kv[ko + e]).sum();
-                        dot * scale + mv.as_ref().map_or(0.0, |m| m[((bi * hq + h) * s + i) * t + j])
+                        dot * scale
+                            + mv.as_ref()
+                                .map_or(0.0, |m| m[((bi * hq + h) * s + i) * t + j])
                     })
                     .collect();
                 let mx = sc.iter().cloned().fold(f32::MIN, f32::max);
@@ -175,7 +214,11 @@ fn attention_gqa_causal_matches_loop() {
     let scale = 1.0 / (d as f64).sqrt();
     let y = attention(&q, &k, &v, Some(&mask), scale).unwrap();
     let want = naive_attention(&q, &k, &v, Some(&mask), scale as f32);
-    assert!(max_abs_diff(&y, &want) < 1e-5, "{}", max_abs_diff(&y, &want));
+    assert!(
+        max_abs_diff(&y, &want) < 1e-5,
+        "{}",
+        max_abs_diff(&y, &want)
+    );
     let y = attention(&q, &k, &v, None, scale).unwrap();
     let want = naive_attention(&q, &k, &v, None, scale as f32);
     assert!(max_abs_diff(&y, &want) < 1e-5);
@@ -200,7 +243,10 @@ fn activations_match_formulas() {
         assert!((s[i] - xv[i] * sig(xv[i])).abs() < 1e-5);
     }
     // erf GELU at known points: gelu(1) = 0.8413447, gelu(-1) = -0.1586553.
-    let g = gelu_erf(&Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap()).unwrap().to_vec1::<f32>().unwrap();
+    let g = gelu_erf(&Tensor::new(&[1.0f32, -1.0], &Device::Cpu).unwrap())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!((g[0] - 0.841_344_7).abs() < 1e-5 && (g[1] + 0.158_655_3).abs() < 1e-5);
 }
 
@@ -236,13 +282,42 @@ fn every_op_passes_gradients_to_every_input() {
     let h = layer_norm(&h, &w, &bias, 1e-5).unwrap();
     let h = rope(&h, &cos, &sin).unwrap();
     let h = attention(&h, &k, &v, Some(&mask), 0.3).unwrap();
-    let h = (softmax_last_dim(&h).unwrap() + quick_gelu(&h).unwrap() + silu(&h).unwrap() + gelu_erf(&h).unwrap()).unwrap();
+    let h = (softmax_last_dim(&h).unwrap()
+        + quick_gelu(&h).unwrap()
+        + silu(&h).unwrap()
+        + gelu_erf(&h).unwrap())
+    .unwrap();
     let h = lora_linear(&h, &lw, Some(&lb), &la, &lbm, 2.0).unwrap();
     let loss = h.sqr().unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();
-    for (name, v) in [("x", &x), ("w", &w), ("bias", &bias), ("cos", &cos), ("sin", &sin), ("k", &k), ("v", &v), ("lw", &lw), ("lb", &lb), ("la", &la), ("lbm", &lbm)] {
-        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
-        let n = g.abs().unwrap().sum_all().unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
-        assert!(n > 0.0 && n.is_finite(), "zero/non-finite gradient for {name}: {n}");
+    for (name, v) in [
+        ("x", &x),
+        ("w", &w),
+        ("bias", &bias),
+        ("cos", &cos),
+        ("sin", &sin),
+        ("k", &k),
+        ("v", &v),
+        ("lw", &lw),
+        ("lb", &lb),
+        ("la", &la),
+        ("lbm", &lbm),
+    ] {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let n = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            n > 0.0 && n.is_finite(),
+            "zero/non-finite gradient for {name}: {n}"
+        );
     }
 }

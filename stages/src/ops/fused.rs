@@ -1,0 +1,293 @@
+//! Fused CPU kernels (f32, contiguous) for RMSNorm, softmax and RoPE, as candle
+//! `CustomOp`s **with** a backward pass.
+//!
+//! The composed versions in [`super::reference`] allocate a tensor per primitive (a norm is
+//! ~8 passes over the data forward and more backward); these do one pass forward and one
+//! or two backward. Each backward is itself a plain Rust loop over slices (the gradient is
+//! returned as a fresh tensor built from a `Vec`), so no candle op without backward ever
+//! appears on the gradient path. Second-order gradients are not supported (nothing needs
+//! them).
+//!
+//! Only CPU f32 storage is handled; [`super`] dispatches everything else to the reference
+//! ops, so the CUDA entry points (candle's default `cuda_fwd`, which returns a clear
+//! "no cuda implementation" error) are never reached in practice.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor,
+    bail,
+};
+
+/// The contiguous f32 slice behind a CPU storage and layout, or an error naming `op`.
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{op}: fused kernel needs f32 input, got {:?}", s.dtype())
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{op}: fused kernel needs contiguous input"),
+    }
+}
+
+/// Runs `f` on the contiguous f32 data of a CPU tensor.
+pub(crate) fn with_f32<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cpu(cs) = &*st else {
+        bail!("{op}: fused kernel needs a CPU tensor")
+    };
+    Ok(f(slice(cs, l, op)?))
+}
+
+/// A new CPU tensor from `v`.
+pub(crate) fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
+    Tensor::from_vec(v, shape.clone(), &Device::Cpu)
+}
+
+/// Whether the fused kernels can take these tensors.
+pub(crate) fn eligible(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
+}
+
+// ---------------------------------------------------------------- RMSNorm
+
+pub(crate) struct RmsNorm {
+    pub(crate) eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(s1, l1, "rms_norm")?, slice(s2, l2, "rms_norm")?);
+        let d = w.len();
+        if d == 0 || l1.dims().last() != Some(&d) {
+            bail!(
+                "rms_norm: weight of {d} does not match input {:?}",
+                l1.dims()
+            );
+        }
+        let mut y = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let inv = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+            for ((o, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
+                *o = xv * inv * wv;
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let (dx, dw) = with_f32(x, "rms_norm", |x| {
+            with_f32(w, "rms_norm", |w| {
+                with_f32(g, "rms_norm", |g| {
+                    let mut dx = vec![0f32; x.len()];
+                    let mut dw = vec![0f32; d];
+                    for ((xr, gr), dxr) in x
+                        .chunks_exact(d)
+                        .zip(g.chunks_exact(d))
+                        .zip(dx.chunks_exact_mut(d))
+                    {
+                        let inv = 1.0
+                            / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
+                        // y = x·inv·w ⇒ dx = inv·(g·w) − x·inv³/d · Σ(g·w·x).
+                        let mut dot = 0f32;
+                        for j in 0..d {
+                            dot += gr[j] * w[j] * xr[j];
+                            dw[j] += gr[j] * xr[j] * inv;
+                        }
+                        let c = inv * inv * inv * dot / d as f32;
+                        for j in 0..d {
+                            dxr[j] = inv * gr[j] * w[j] - c * xr[j];
+                        }
+                    }
+                    (dx, dw)
+                })
+            })
+        })???;
+        Ok((Some(tensor(dx, x.shape())?), Some(tensor(dw, w.shape())?)))
+    }
+}
+
+// ---------------------------------------------------------------- softmax
+
+pub(crate) struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax-last-dim"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, "softmax")?;
+        let d = *l.dims().last().unwrap_or(&1);
+        let mut y = vec![0f32; x.len()];
+        if d > 0 {
+            for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+                softmax_row(xr, yr);
+            }
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let d = y.dim(candle_core::D::Minus1)?;
+        let dx = with_f32(y, "softmax", |y| {
+            with_f32(g, "softmax", |g| {
+                let mut dx = vec![0f32; y.len()];
+                for ((yr, gr), o) in y
+                    .chunks_exact(d)
+                    .zip(g.chunks_exact(d))
+                    .zip(dx.chunks_exact_mut(d))
+                {
+                    // dx = y·(g − Σ g·y)
+                    let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
+                    for j in 0..d {
+                        o[j] = yr[j] * (gr[j] - dot);
+                    }
+                }
+                dx
+            })
+        })??;
+        Ok(Some(tensor(dx, y.shape())?))
+    }
+}
+
+/// Stable softmax of one row into `out`.
+pub(crate) fn softmax_row(x: &[f32], out: &mut [f32]) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut z = 0f32;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v - m).exp();
+        z += *o;
+    }
+    let r = 1.0 / z;
+    out.iter_mut().for_each(|o| *o *= r);
+}
+
+// ---------------------------------------------------------------- RoPE
+
+/// RoPE with HF `rotate_half` on `x: [b, h, s, d]`, `cos, sin: [b, s, d]`.
+pub(crate) struct Rope;
+
+fn rope_dims(x: &[usize], c: &[usize]) -> Result<(usize, usize, usize, usize)> {
+    match (x, c) {
+        ([b, h, s, d], [cb, cs, cd]) if b == cb && s == cs && d == cd && d % 2 == 0 => {
+            Ok((*b, *h, *s, *d))
+        }
+        _ => bail!(
+            "rope: x {x:?} needs [b, heads, seq, d] with even d and cos/sin [b, seq, d], got cos/sin {c:?}"
+        ),
+    }
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, h, s, d) = rope_dims(l1.dims(), l2.dims())?;
+        if l3.dims() != l2.dims() {
+            bail!("rope: sin {:?} differs from cos {:?}", l3.dims(), l2.dims());
+        }
+        let (x, cos, sin) = (
+            slice(s1, l1, "rope")?,
+            slice(s2, l2, "rope")?,
+            slice(s3, l3, "rope")?,
+        );
+        let half = d / 2;
+        let mut y = vec![0f32; x.len()];
+        for bi in 0..b {
+            for hi in 0..h {
+                for si in 0..s {
+                    let o = ((bi * h + hi) * s + si) * d;
+                    let c = (bi * s + si) * d;
+                    let (xr, yr, cr, sr) = (
+                        &x[o..o + d],
+                        &mut y[o..o + d],
+                        &cos[c..c + d],
+                        &sin[c..c + d],
+                    );
+                    for j in 0..half {
+                        yr[j] = xr[j] * cr[j] - xr[j + half] * sr[j];
+                        yr[j + half] = xr[j + half] * cr[j + half] + xr[j] * sr[j + half];
+                    }
+                }
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, h, s, d) = rope_dims(x.dims(), cos.dims())?;
+        let half = d / 2;
+        let (dx, dc, ds) = with_f32(x, "rope", |x| {
+            with_f32(cos, "rope", |cos| {
+                with_f32(sin, "rope", |sin| {
+                    with_f32(g, "rope", |g| {
+                        let mut dx = vec![0f32; x.len()];
+                        let mut dc = vec![0f32; cos.len()];
+                        let mut ds = vec![0f32; sin.len()];
+                        for bi in 0..b {
+                            for hi in 0..h {
+                                for si in 0..s {
+                                    let o = ((bi * h + hi) * s + si) * d;
+                                    let c = (bi * s + si) * d;
+                                    for j in 0..half {
+                                        let (lo, hi_) = (o + j, o + j + half);
+                                        let (cl, chh) = (c + j, c + j + half);
+                                        // y_lo = x_lo c_lo − x_hi s_lo ; y_hi = x_hi c_hi + x_lo s_hi
+                                        dx[lo] = g[lo] * cos[cl] + g[hi_] * sin[chh];
+                                        dx[hi_] = g[hi_] * cos[chh] - g[lo] * sin[cl];
+                                        dc[cl] += g[lo] * x[lo];
+                                        dc[chh] += g[hi_] * x[hi_];
+                                        ds[cl] -= g[lo] * x[hi_];
+                                        ds[chh] += g[hi_] * x[lo];
+                                    }
+                                }
+                            }
+                        }
+                        (dx, dc, ds)
+                    })
+                })
+            })
+        })????;
+        Ok((
+            Some(tensor(dx, x.shape())?),
+            Some(tensor(dc, cos.shape())?),
+            Some(tensor(ds, sin.shape())?),
+        ))
+    }
+}

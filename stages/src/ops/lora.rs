@@ -1,0 +1,129 @@
+//! Linear and LoRA-linear layers whose base weight is frozen, as CPU `CustomOp`s.
+//!
+//! candle's matmul backward always computes the gradient of *both* operands, even when
+//! the weight is a plain (frozen) tensor, so a LoRA step pays the full `dW` GEMM of every
+//! base projection and then throws it away. These ops capture the frozen `W` (and bias)
+//! inside the op and differentiate only with respect to the tracked inputs: `x` for a
+//! frozen linear; `x`, `A`, `B` for LoRA. The GEMMs themselves are candle's (gemm crate);
+//! only the graph is custom.
+//!
+//! Shapes: `x: [.., in]`, `W: [out, in]`, `b: [out]`, `A: [r, in]`, `B: [out, r]`;
+//! `y = x Wᵀ + b + scale · (x Aᵀ) Bᵀ`.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, D, Device, Layout, Result, Shape, Storage, Tensor, bail,
+};
+
+use super::fused::slice;
+
+fn cpu_tensor(s: &CpuStorage, l: &Layout, op: &str) -> Result<Tensor> {
+    Tensor::from_slice(slice(s, l, op)?, l.shape().clone(), &Device::Cpu)
+}
+
+fn into_cpu(t: Tensor, op: &str) -> Result<(CpuStorage, Shape)> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cpu(cs) = &*st else {
+        bail!("{op}: expected a CPU result")
+    };
+    Ok((
+        CpuStorage::F32(slice(cs, l, op)?.to_vec()),
+        l.shape().clone(),
+    ))
+}
+
+/// `x` as a 2-D `[N, in]` matrix (a view when `x` is contiguous).
+fn rows(x: &Tensor) -> Result<Tensor> {
+    let k = x.dim(D::Minus1)?;
+    x.contiguous()?.reshape(((), k))
+}
+
+/// Output shape: `x`'s with the last dim replaced by `out`.
+fn out_shape(x: &[usize], out: usize) -> Vec<usize> {
+    let mut s = x.to_vec();
+    if let Some(l) = s.last_mut() {
+        *l = out;
+    }
+    s
+}
+
+/// `x Wᵀ + b` for 2-D `x`, with `W`, `b` plain tensors.
+pub(crate) fn linear2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+pub(crate) struct FrozenLinear {
+    pub(crate) w: Tensor,
+    pub(crate) b: Option<Tensor>,
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_tensor(s, l, "linear")?;
+        let y = linear2d(&rows(&x)?, &self.w, self.b.as_ref())?;
+        let (st, _) = into_cpu(y, "linear")?;
+        Ok((st, Shape::from(out_shape(l.dims(), self.w.dim(0)?))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(rows(g)?.matmul(&self.w)?.reshape(x.shape())?))
+    }
+}
+
+pub(crate) struct LoraLinear {
+    pub(crate) w: Tensor,
+    pub(crate) b: Option<Tensor>,
+    pub(crate) scale: f64,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = rows(&cpu_tensor(s1, l1, "lora_linear")?)?;
+        let (a, bm) = (
+            cpu_tensor(s2, l2, "lora_linear")?,
+            cpu_tensor(s3, l3, "lora_linear")?,
+        );
+        // Scale the rank-r intermediate, not the [N, out] output: r ≪ out.
+        let low = (x.matmul(&a.t()?)? * self.scale)?.matmul(&bm.t()?)?;
+        let y = (linear2d(&x, &self.w, self.b.as_ref())? + low)?;
+        let (st, _) = into_cpu(y, "lora_linear")?;
+        Ok((st, Shape::from(out_shape(l1.dims(), self.w.dim(0)?))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        bm: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x2, g2) = (rows(x)?, rows(g)?);
+        let gb = (g2.matmul(bm)? * self.scale)?; // [N, r]
+        let dx = (g2.matmul(&self.w)? + gb.matmul(a)?)?.reshape(x.shape())?;
+        let da = gb.t()?.matmul(&x2)?; // [r, in]
+        let xa = (x2.matmul(&a.t()?)? * self.scale)?; // [N, r]
+        let db = g2.t()?.matmul(&xa)?; // [out, r]
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
