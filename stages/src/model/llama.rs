@@ -1,0 +1,336 @@
+//! The LLaMA decoder, with transformers' `LlamaModel` semantics.
+//!
+//! Per layer: `x += o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))))`, then
+//! `x += down(silu(gate(n2(x))) * up(n2(x)))`, with `n` = RMSNorm
+//! `x · rsqrt(mean(x²) + eps) · w`. RoPE is HF's `rotate_half` (the two halves of each head,
+//! not interleaved pairs) with `inv_freq_i = θ^(-2i/d)` computed in f32 like torch, at
+//! *explicit* position ids: left-padded batches pass `cumsum(mask) - 1`, so a row's first
+//! real token sits at position 0 whatever its padding.
+//!
+//! Masking is additive: allowed scores get 0, masked ones the dtype's most negative finite
+//! value (transformers' `finfo.min`; never `-inf`, so a fully masked pad row yields a
+//! uniform softmax instead of NaNs that would poison later layers). The mask is causal over
+//! absolute positions in the cache plus the attention mask's zeros.
+//!
+//! [`KvCache`] keeps per-layer keys/values *after* RoPE, appended along the sequence axis.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::config::LlamaConfig;
+use super::linear::{Ctx, Linear, LinearInfo};
+use super::weights::{Builder, Init, ParamId};
+use crate::ops;
+
+/// Per-layer key/value cache for incremental decoding.
+///
+/// Keys and values are stored post-RoPE as `[b, kv_heads, t, head_dim]`. The cache length
+/// [`KvCache::len`] is the number of positions already processed; the next forward's
+/// attention mask (if given) must cover `len + new` columns.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets everything.
+    pub fn reset(&mut self) {
+        self.layers.clear();
+        self.len = 0;
+    }
+
+    /// Keeps only the batch rows in `rows` (u32 indices), e.g. to drop finished sequences.
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(rows, 0)?;
+            *v = v.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Layer `i`'s cached keys and values, if any.
+    pub fn layer(&self, i: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(i).and_then(Option::as_ref)
+    }
+
+    /// Appends `k`, `v` (`[b, h, s, d]`) to layer `i`, returning the full keys and values.
+    fn append(&mut self, i: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        if self.layers.len() <= i {
+            self.layers.resize(i + 1, None);
+        }
+        let kv = match self.layers[i].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.layers[i] = Some(kv.clone());
+        Ok(kv)
+    }
+
+    /// Records that `n` more positions were processed (after all layers appended).
+    fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}
+
+struct LlamaLayer {
+    input_ln: ParamId,
+    post_ln: ParamId,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// The decoder stack plus embeddings, final norm and LM head.
+pub(crate) struct Llama {
+    cfg: LlamaConfig,
+    pub(crate) embed: ParamId,
+    layers: Vec<LlamaLayer>,
+    norm: ParamId,
+    /// `None` when tied to the embeddings.
+    lm_head: Option<Linear>,
+}
+
+impl Llama {
+    pub(crate) fn new(
+        bld: &mut Builder<'_>,
+        cfg: &LlamaConfig,
+        tie: bool,
+        linears: &mut Vec<LinearInfo>,
+    ) -> super::Result<Self> {
+        let p = "language_model.model";
+        let (d, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd) = (
+            cfg.num_attention_heads * cfg.head_dim,
+            cfg.num_key_value_heads * cfg.head_dim,
+        );
+        let embed = bld.param(
+            &format!("{p}.embed_tokens.weight"),
+            &[cfg.vocab_size, d],
+            Init::Normal(0.02),
+        )?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for n in 0..cfg.num_hidden_layers {
+            let l = format!("{p}.layers.{n}");
+            let ab = cfg.attention_bias;
+            let mb = cfg.mlp_bias;
+            layers.push(LlamaLayer {
+                input_ln: bld.param(&format!("{l}.input_layernorm.weight"), &[d], Init::Ones)?,
+                q: bld.linear(&format!("{l}.self_attn.q_proj"), d, qd, ab, linears)?,
+                k: bld.linear(&format!("{l}.self_attn.k_proj"), d, kvd, ab, linears)?,
+                v: bld.linear(&format!("{l}.self_attn.v_proj"), d, kvd, ab, linears)?,
+                o: bld.linear(&format!("{l}.self_attn.o_proj"), qd, d, ab, linears)?,
+                post_ln: bld.param(
+                    &format!("{l}.post_attention_layernorm.weight"),
+                    &[d],
+                    Init::Ones,
+                )?,
+                gate: bld.linear(&format!("{l}.mlp.gate_proj"), d, i, mb, linears)?,
+                up: bld.linear(&format!("{l}.mlp.up_proj"), d, i, mb, linears)?,
+                down: bld.linear(&format!("{l}.mlp.down_proj"), i, d, mb, linears)?,
+            });
+        }
+        let norm = bld.param(&format!("{p}.norm.weight"), &[d], Init::Ones)?;
+        // Tied: the head reuses embed_tokens (a checkpoint's lm_head copy, if any, is ignored,
+        // as transformers does). Untied: the checkpoint must have its own.
+        let lm_head = if tie {
+            None
+        } else {
+            Some(bld.linear("language_model.lm_head", d, cfg.vocab_size, false, linears)?)
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    /// Runs the decoder on `x: [b, s, d]`, returning the final-norm hidden states.
+    /// `mask` is additive `[b, 1, s, t]` (or `None` = attend to everything); `cos`, `sin`
+    /// are `[b, s, head_dim]`. `capture` receives each layer's output when given.
+    pub(crate) fn forward(
+        &self,
+        mut x: Tensor,
+        mask: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        cx: &Ctx<'_>,
+        mut capture: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (b, s, _) = x.dims3()?;
+        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let n = ops::rms_norm(&x, cx.store.get(layer.input_ln), c.rms_norm_eps)?;
+            let q = layer
+                .q
+                .forward(&n, cx)?
+                .reshape((b, s, h, hd))?
+                .transpose(1, 2)?;
+            let k = layer
+                .k
+                .forward(&n, cx)?
+                .reshape((b, s, kvh, hd))?
+                .transpose(1, 2)?;
+            let v = layer
+                .v
+                .forward(&n, cx)?
+                .reshape((b, s, kvh, hd))?
+                .transpose(1, 2)?;
+            let q = ops::rope(&q.contiguous()?, cos, sin)?;
+            let k = ops::rope(&k.contiguous()?, cos, sin)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(cache) => cache.append(i, k, v.contiguous()?)?,
+                None => (k, v),
+            };
+            let a = ops::attention(&q, &k, &v, mask, scale)?
+                .transpose(1, 2)?
+                .reshape((b, s, h * hd))?;
+            x = (x + layer.o.forward(&a, cx)?)?;
+            let n = ops::rms_norm(&x, cx.store.get(layer.post_ln), c.rms_norm_eps)?;
+            let g = ops::silu(&layer.gate.forward(&n, cx)?)?;
+            let u = layer.up.forward(&n, cx)?;
+            x = (x + layer.down.forward(&(g * u)?, cx)?)?;
+            if let Some(cap) = capture.as_deref_mut() {
+                cap.push(x.clone());
+            }
+        }
+        if let Some(cache) = cache {
+            cache.advance(s);
+        }
+        ops::rms_norm(&x, cx.store.get(self.norm), c.rms_norm_eps)
+    }
+
+    /// `hidden Wᵀ` with the LM head (or the embeddings when tied).
+    pub(crate) fn lm_head(&self, hidden: &Tensor, cx: &Ctx<'_>) -> Result<Tensor> {
+        match &self.lm_head {
+            Some(l) => l.forward(hidden, cx),
+            None => ops::linear(hidden, cx.store.get(self.embed), None),
+        }
+    }
+}
+
+/// RoPE tables `cos, sin: [b, s, head_dim]` for integer positions `pos` (row-major `[b, s]`).
+pub fn rope_tables(
+    pos: &[i64],
+    b: usize,
+    s: usize,
+    head_dim: usize,
+    theta: f64,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    // torch: inv_freq = 1 / θ^(arange(0, d, 2).float() / d), all in f32.
+    let inv: Vec<f32> = (0..half)
+        .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(b * s * head_dim);
+    let mut sin = Vec::with_capacity(b * s * head_dim);
+    for &p in pos {
+        let row_start = cos.len();
+        for &f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+        // emb = cat(freqs, freqs): the second half repeats the first.
+        cos.extend_from_within(row_start..row_start + half);
+        sin.extend_from_within(row_start..row_start + half);
+    }
+    let cos = Tensor::from_vec(cos, (b, s, head_dim), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (b, s, head_dim), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// The additive mask `[b, 1, s, past + s]`: query `i` (absolute position `past + i`) may see
+/// key `j` iff `j <= past + i` and `keep[b][j]` (when a padding mask is given).
+pub fn additive_mask(
+    keep: Option<&[bool]>,
+    b: usize,
+    s: usize,
+    past: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let t = past + s;
+    let min = match dtype {
+        DType::F16 => half::f16::MIN.to_f32(),
+        DType::BF16 => half::bf16::MIN.to_f32(),
+        _ => f32::MIN,
+    };
+    let mut m = vec![0f32; b * s * t];
+    for r in 0..b {
+        for i in 0..s {
+            let row = &mut m[(r * s + i) * t..(r * s + i + 1) * t];
+            for (j, v) in row.iter_mut().enumerate() {
+                let visible = j <= past + i && keep.is_none_or(|k| k[r * t + j]);
+                if !visible {
+                    *v = min;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (b, 1, s, t), device)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_tables_follow_hf_layout() {
+        let (cos, sin) = rope_tables(&[0, 3], 1, 2, 4, 100.0, DType::F32, &Device::Cpu).unwrap();
+        let cos = cos.to_vec3::<f32>().unwrap();
+        let sin = sin.to_vec3::<f32>().unwrap();
+        assert_eq!(cos[0][0], vec![1.0; 4]);
+        // d = 4: inv_freq = [1, 100^-0.5 = 0.1]; position 3 → angles [3, 0.3], repeated.
+        let want = [3f32.cos(), 0.3f32.cos(), 3f32.cos(), 0.3f32.cos()];
+        for (g, w) in cos[0][1].iter().zip(want) {
+            assert!((g - w).abs() < 1e-6);
+        }
+        assert!((sin[0][1][1] - 0.3f32.sin()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn mask_is_causal_over_the_cache_and_honours_padding() {
+        // b = 1, past = 1, s = 2, keys t = 3; key 0 is padding.
+        let keep = [false, true, true];
+        let m = additive_mask(Some(&keep), 1, 2, 1, DType::F32, &Device::Cpu).unwrap();
+        let m = m.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let vis: Vec<bool> = m.iter().map(|v| *v == 0.0).collect();
+        assert_eq!(vis, [false, true, false, false, true, true]);
+        assert!(m.iter().all(|v| *v == 0.0 || *v == f32::MIN));
+        let f16 = additive_mask(None, 1, 2, 0, DType::F16, &Device::Cpu).unwrap();
+        let v = f16
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(v, [0.0, -65504.0, 0.0, 0.0], "f16 min stays finite");
+    }
+}
