@@ -31,15 +31,16 @@
 //! Errors that come from user input (a config field, a checkpoint tensor, an adapter, an
 //! input batch) are [`ModelError`]s naming the file and the field or tensor.
 
-pub mod bench;
 pub mod chat;
 pub mod clip;
 pub mod config;
+pub mod generate;
 pub mod linear;
 pub mod llama;
 pub mod llava;
 pub mod lora;
 pub mod preset;
+pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
