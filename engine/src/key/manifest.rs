@@ -201,6 +201,13 @@ mod tests {
         assert_ne!(m.key(), base);
     }
 
+    /// Keys are on-disk names: if this fails, bump `KEY_SCHEMA` and update the value.
+    #[test]
+    fn key_is_stable() {
+        assert_eq!(manifest().key().to_hex(), "4ff190eaf1dec9fb8f6e7d2c849dead473ef08342738e299c3278cff729984ef");
+        assert_eq!(derive_seed(1234, "task/GQA"), 16_609_509_672_058_602_596);
+    }
+
     #[test]
     fn seeds_differ_per_stage_and_experiment_seed() {
         assert_eq!(derive_seed(1, "a"), derive_seed(1, "a"));
