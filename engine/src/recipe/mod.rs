@@ -1,0 +1,208 @@
+//! Recipes: TOML experiment descriptions, validated and expanded into a list of stages.
+//!
+//! [`load`] turns a recipe file (plus `--set` overrides) into a [`Recipe`]: concrete stages
+//! in topological order, each with canonical parameters, resolved inputs and external
+//! files. Nothing runs here; the graph, keys and executors work from the result.
+//!
+//! ## Phases
+//! 1. `load`: parse the file and everything it `extends`/`include`s into one spanned document
+//!    (`value.rs` keeps a source + byte span on every value).
+//! 2. `overrides`: apply `--set path=value` (the command line is a source of its own).
+//! 3. `expand`: per stage, look up the kind, expand `foreach`/`matrix` into concrete stages
+//!    (`task/GQA`, `sweep/method=lora,lr=0.0001`), substitute `{item}`/`{index}`/`{<dim>}`,
+//!    wire `chain`, type-check every parameter against the kind's schema and fill defaults.
+//! 4. `resolve`: resolve references (`@stage`, `@stage/item`, `@stage.output`,
+//!    `@stage/item.output`, `@stage/*`) by name through hash maps (a 10,000-stage recipe
+//!    loads in milliseconds), check output types, order stages topologically (declaration
+//!    order breaks ties, so the order is stable) and report cycles.
+//!
+//! ## Sharing
+//! Only a stage that declares `foreach` or `matrix` is multiplied. A reference is resolved
+//! per expansion after substitution, so `data = "@coin"` in every element of a sweep names the
+//! one `coin` stage, while `data = "@asd/{item}"` names a different element each time.
+//! A bare `@task` to an expanded stage is ambiguous and rejected, with a hint to write
+//! `@task/{item}` or `@task/*`.
+//!
+//! ## Errors
+//! Every phase keeps going after a problem, so [`RecipeError`] lists all of them at once,
+//! each pointing at its file, line and column (see `error.rs` for the codes).
+
+mod error;
+mod expand;
+mod load;
+mod overrides;
+mod resolve;
+mod value;
+
+use std::path::{Path, PathBuf};
+
+pub use error::{Problem, RecipeError};
+
+use crate::stage::{OutputSpec, Registry, Resources};
+use error::{Diags, Sources};
+use value::Loc;
+
+/// A loaded, validated and expanded recipe.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// Experiment name (`[experiment] name`, default: the file stem).
+    pub experiment: String,
+    /// Experiment seed (`[experiment] seed`, default 0).
+    pub seed: u64,
+    /// The directory of the recipe file; relative paths resolve here.
+    pub dir: PathBuf,
+    /// Every file read: the recipe first, then the files it extends or includes.
+    pub files: Vec<PathBuf>,
+    /// The concrete stages in topological order (every input's stage comes first).
+    pub stages: Vec<StageNode>,
+}
+
+impl Recipe {
+    /// The index of the stage named `name` (exact expansion name, e.g. `task/GQA`).
+    #[must_use]
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == name)
+    }
+}
+
+/// One concrete stage after expansion.
+#[derive(Debug, Clone)]
+pub struct StageNode {
+    /// Full name: `coin`, `task/GQA`, `sweep/method=lora,lr=0.0001`.
+    pub name: String,
+    /// The name of the recipe table it came from (`task` for `task/GQA`; equal to `name`
+    /// for a stage without `foreach`/`matrix`).
+    pub base: String,
+    /// The kind (`train.lora`).
+    pub kind: String,
+    /// Canonical parameters: a JSON object with every schema parameter (defaults filled),
+    /// integers widened for `Float` parameters, `{item}` substituted. References stay strings
+    /// but fully qualified (`"@task/GQA"`, `"@coin.test"`); a gather (`"@eval/*"`) becomes the
+    /// list of its members (`["@eval/A", "@eval/B"]`), spliced into the list if it was one
+    /// element of a list parameter.
+    pub params: serde_json::Value,
+    /// Inputs: one per referenced artifact, in parameter order.
+    pub inputs: Vec<Input>,
+    /// External files and directories named by `Path` (and `RefOrPath`) parameters.
+    pub externals: Vec<External>,
+    /// Resources: the kind's defaults overridden by the stage's `resources` table.
+    pub resources: Resources,
+    /// `executor = "local" | "slurm"`, if the stage chose one.
+    pub executor: Option<String>,
+    /// Explicit ordering edges (`after = [...]`), as indices into [`Recipe::stages`].
+    pub after: Vec<usize>,
+    /// The kind's outputs for these parameters (the first is the default output).
+    pub outputs: Vec<OutputSpec>,
+}
+
+/// One resolved reference: parameter `param` reads output `output` of stage `stage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    /// The parameter holding the reference.
+    pub param: String,
+    /// Index into [`Recipe::stages`].
+    pub stage: usize,
+    /// The output name (the default output's name when the reference named none).
+    pub output: String,
+    /// Index of this input among the parameter's inputs (list and gather order).
+    pub position: usize,
+}
+
+/// One external path named by a parameter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct External {
+    /// The parameter naming it.
+    pub param: String,
+    /// The path as written (after `{item}` substitution), relative to [`Recipe::dir`].
+    pub path: PathBuf,
+}
+
+/// Load, validate and expand the recipe at `path`.
+///
+/// `overrides` are `--set` arguments (`stages.asd.x=40`, `asd.x=40`, `experiment.seed=3`,
+/// `vars.tasks=["A"]`), applied before validation. Kinds come from `registry`.
+///
+/// # Errors
+/// A [`RecipeError`] listing every problem found (syntax, unknown kinds or parameters, type
+/// mismatches, dangling references, cycles, bad overrides...), each with its source span.
+pub fn load(path: &Path, overrides: &[String], registry: &Registry) -> Result<Recipe, RecipeError> {
+    let mut ctx = Ctx::default();
+    let display = path.display().to_string();
+    let Some(mut doc) = load::load_root(path, &mut ctx) else {
+        return Err(ctx.diags.into_error(display));
+    };
+    overrides::apply(&mut doc, overrides, &mut ctx);
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let (experiment, seed) = expand::experiment(&doc, &stem, &mut ctx);
+    let pending = expand::expand(&doc, registry, &mut ctx);
+    let stages = resolve::resolve(pending, &mut ctx);
+    if !ctx.diags.is_empty() {
+        return Err(ctx.diags.into_error(display));
+    }
+    Ok(Recipe {
+        experiment,
+        seed,
+        dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        files: ctx.files,
+        stages,
+    })
+}
+
+/// Shared state of one load: the sources read so far, the problems found, the files read.
+#[derive(Default)]
+pub(crate) struct Ctx {
+    sources: Sources,
+    diags: Diags,
+    files: Vec<PathBuf>,
+}
+
+impl Ctx {
+    /// Report a problem with one label; `short` is the code without its prefix.
+    pub(crate) fn err(
+        &mut self,
+        short: &str,
+        loc: Loc,
+        label: &str,
+        message: String,
+        help: Option<String>,
+    ) {
+        self.diags
+            .at(&self.sources, code(short), loc, label, message, help);
+    }
+}
+
+/// The full stable code for a short name.
+pub(crate) fn code(short: &str) -> &'static str {
+    macro_rules! codes {
+        ($($name:literal),* $(,)?) => {
+            match short {
+                $($name => concat!("pipeline::recipe::", $name),)*
+                _ => "pipeline::recipe::internal",
+            }
+        };
+    }
+    codes!(
+        "toml_syntax",
+        "missing_file",
+        "extends_cycle",
+        "unknown_key",
+        "bad_value",
+        "bad_name",
+        "unknown_kind",
+        "unknown_param",
+        "mistyped_param",
+        "missing_param",
+        "unknown_var",
+        "missing_stage",
+        "missing_output",
+        "output_type",
+        "ambiguous_ref",
+        "duplicate_stage",
+        "duplicate_var",
+        "cycle",
+        "bad_set",
+    )
+}

@@ -1,0 +1,513 @@
+//! Reference resolution, output type checks, topological order and cycle reports.
+//!
+//! Every lookup goes through hash maps built once (`name -> index`, `base -> expansions`),
+//! so resolution is linear in the number of references; a 10,000-stage recipe resolves in
+//! milliseconds.
+//!
+//! A reference `@x.y` is first looked up as the stage `x.y`, then as output `y` of stage `x`:
+//! expansion names may contain dots (`sweep/lr=0.0001`), stage names may not, so trying the
+//! whole name first is what makes `@sweep/lr=0.0001` and `@sweep/lr=0.0001.model` both work.
+//!
+//! The order is Kahn's algorithm with a min-heap on declaration index: among the stages that
+//! are ready, the one declared first comes first, so the order is stable under edits that do
+//! not touch the dependencies. Stages left over are on or behind a cycle; each cycle is
+//! reported once, naming every stage on it and labelling the reference that closes each edge.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use serde_json::Value;
+
+use super::error::{Label, closest, did_you_mean, one_of};
+use super::expand::{Pending, PendingRef, type_name};
+use super::value::Loc;
+use super::{Ctx, Input, StageNode};
+use crate::stage::OutputSpec;
+
+/// Why one stage must run after another (for cycle reports).
+struct Edge {
+    from: usize,
+    loc: Loc,
+}
+
+/// Resolve `pending` into ordered stages. Problems go to `ctx`; the result is only used when
+/// there are none.
+pub(crate) fn resolve(mut pending: Vec<Pending>, ctx: &mut Ctx) -> Vec<StageNode> {
+    let mut names: HashMap<String, usize> = HashMap::with_capacity(pending.len());
+    let mut bases: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, p) in pending.iter().enumerate() {
+        if names.contains_key(&p.name) {
+            ctx.err(
+                "duplicate_stage",
+                p.name_loc,
+                "defined again here",
+                format!("stage `{}` is defined twice", p.name),
+                Some("each stage (and each `foreach` item) needs a distinct name".to_string()),
+            );
+            continue;
+        }
+        names.insert(p.name.clone(), i);
+        if p.expanded {
+            bases.entry(p.base.clone()).or_default().push(i);
+        }
+    }
+    let outputs: Vec<Option<Vec<OutputSpec>>> = pending
+        .iter()
+        .map(|p| {
+            p.kind
+                .as_ref()
+                .filter(|_| p.ok)
+                .map(|k| k.outputs(&Value::Object(p.params.clone())))
+        })
+        .collect();
+    let r = Resolver {
+        names: &names,
+        bases: &bases,
+        pending: &pending,
+        outputs: &outputs,
+    };
+
+    let mut preds: Vec<Vec<Edge>> = Vec::with_capacity(pending.len());
+    let mut inputs: Vec<Vec<Input>> = Vec::with_capacity(pending.len());
+    let mut afters: Vec<Vec<usize>> = Vec::with_capacity(pending.len());
+    let mut rewrites: Vec<Vec<(usize, Vec<String>)>> = Vec::with_capacity(pending.len());
+    for p in &pending {
+        let mut edges = Vec::new();
+        let mut ins = Vec::new();
+        let mut rw = Vec::new();
+        let mut position: HashMap<&str, usize> = HashMap::new();
+        for (k, rf) in p.refs.iter().enumerate() {
+            let Some(targets) = r.resolve_ref(rf, ctx) else {
+                continue;
+            };
+            let mut texts = Vec::with_capacity(targets.len());
+            for (stage, output, written) in targets {
+                let pos = position.entry(rf.param.as_str()).or_insert(0);
+                ins.push(Input {
+                    param: rf.param.clone(),
+                    stage,
+                    output,
+                    position: *pos,
+                });
+                *pos += 1;
+                edges.push(Edge {
+                    from: stage,
+                    loc: rf.loc,
+                });
+                texts.push(written);
+            }
+            rw.push((k, texts));
+        }
+        let mut after = Vec::new();
+        for (name, loc) in &p.after {
+            for stage in r.resolve_after(name, *loc, ctx) {
+                after.push(stage);
+                edges.push(Edge {
+                    from: stage,
+                    loc: *loc,
+                });
+            }
+        }
+        preds.push(edges);
+        inputs.push(ins);
+        afters.push(after);
+        rewrites.push(rw);
+    }
+    for (p, rw) in pending.iter_mut().zip(&rewrites) {
+        rewrite_refs(p, rw);
+    }
+
+    let Some(order) = topo(&pending, &preds, ctx) else {
+        return Vec::new();
+    };
+    let mut pos = vec![0; pending.len()];
+    for (new, &old) in order.iter().enumerate() {
+        pos[old] = new;
+    }
+    let mut slots: Vec<Option<(Pending, Vec<Input>, Vec<usize>, Option<Vec<OutputSpec>>)>> =
+        pending
+            .into_iter()
+            .zip(inputs)
+            .zip(afters)
+            .zip(outputs)
+            .map(|(((p, i), a), o)| Some((p, i, a, o)))
+            .collect();
+    let mut out = Vec::with_capacity(slots.len());
+    for &old in &order {
+        let Some((p, mut ins, mut after, outs)) = slots[old].take() else {
+            continue;
+        };
+        for i in &mut ins {
+            i.stage = pos[i.stage];
+        }
+        for a in &mut after {
+            *a = pos[*a];
+        }
+        after.sort_unstable();
+        after.dedup();
+        out.push(StageNode {
+            name: p.name,
+            base: p.base,
+            kind: p.kind_name,
+            params: Value::Object(p.params),
+            inputs: ins,
+            externals: p.externals,
+            resources: p.resources,
+            executor: p.executor,
+            after,
+            outputs: outs.unwrap_or_default(),
+        });
+    }
+    out
+}
+
+struct Resolver<'a> {
+    names: &'a HashMap<String, usize>,
+    bases: &'a HashMap<String, Vec<usize>>,
+    pending: &'a [Pending],
+    outputs: &'a [Option<Vec<OutputSpec>>],
+}
+
+impl Resolver<'_> {
+    /// Resolve one reference to `(stage, output name, fully qualified text)` per target.
+    fn resolve_ref(&self, rf: &PendingRef, ctx: &mut Ctx) -> Option<Vec<(usize, String, String)>> {
+        let t = rf.target.as_str();
+        if let Some((base, output)) = gather_parts(t) {
+            let Some(members) = self.bases.get(base) else {
+                if self.names.contains_key(base) {
+                    ctx.err("ambiguous_ref", rf.loc, "not an expanded stage", format!("`@{t}` gathers the expansions of `{base}`, but `{base}` has no `foreach` or `matrix`"), Some(format!("write `@{base}` to reference the single stage")));
+                } else {
+                    self.missing_stage(rf.loc, base, t, ctx);
+                }
+                return None;
+            };
+            let mut out = Vec::with_capacity(members.len());
+            for &m in members {
+                let resolved = self.output_of(m, output, rf, ctx)?;
+                let text = match output {
+                    Some(o) => format!("@{}.{o}", self.pending[m].name),
+                    None => format!("@{}", self.pending[m].name),
+                };
+                out.push((m, resolved, text));
+            }
+            return Some(out);
+        }
+        let (stage, output) = if let Some(&i) = self.names.get(t) {
+            (i, None)
+        } else if let Some((i, o)) = t
+            .rsplit_once('.')
+            .and_then(|(n, o)| self.names.get(n).map(|&i| (i, o)))
+        {
+            (i, Some(o))
+        } else {
+            let stem = t.rsplit_once('.').map_or(t, |(n, _)| n);
+            let base = if self.bases.contains_key(t) { t } else { stem };
+            if self.bases.contains_key(base) {
+                ctx.err("ambiguous_ref", rf.loc, "expanded stage", format!("`@{t}` is ambiguous: `{base}` is expanded by `foreach` or `matrix`"), Some(format!("reference one expansion (`@{base}/{{item}}`) or gather all of them (`@{base}/*`)")));
+            } else {
+                self.missing_stage(rf.loc, stem, t, ctx);
+            }
+            return None;
+        };
+        let resolved = self.output_of(stage, output, rf, ctx)?;
+        let text = match output {
+            Some(o) => format!("@{}.{o}", self.pending[stage].name),
+            None => format!("@{}", self.pending[stage].name),
+        };
+        Some(vec![(stage, resolved, text)])
+    }
+
+    /// The output `output` (default: the first) of `stage`, type-checked against the
+    /// reference. A stage whose own parameters are invalid has no known outputs; references
+    /// to it are accepted silently, since its own problem is already reported.
+    fn output_of(
+        &self,
+        stage: usize,
+        output: Option<&str>,
+        rf: &PendingRef,
+        ctx: &mut Ctx,
+    ) -> Option<String> {
+        let Some(outs) = &self.outputs[stage] else {
+            return Some(output.unwrap_or_default().to_string());
+        };
+        let name = &self.pending[stage].name;
+        let spec = match output {
+            None => match outs.first() {
+                Some(o) => o,
+                None => {
+                    ctx.err(
+                        "missing_output",
+                        rf.loc,
+                        "no outputs",
+                        format!(
+                            "`@{}` names stage `{name}`, which has no outputs",
+                            rf.target
+                        ),
+                        None,
+                    );
+                    return None;
+                }
+            },
+            Some(o) => match outs.iter().find(|s| s.name == o) {
+                Some(s) => s,
+                None => {
+                    let help = did_you_mean(o, outs.iter().map(|s| s.name)).unwrap_or_else(|| {
+                        format!("`{name}` has {}", one_of(outs.iter().map(|s| s.name)))
+                    });
+                    ctx.err(
+                        "missing_output",
+                        rf.loc,
+                        "no such output",
+                        format!("stage `{name}` has no output `{o}`"),
+                        Some(help),
+                    );
+                    return None;
+                }
+            },
+        };
+        if !spec.ty.fits(rf.want) {
+            let msg = format!(
+                "`{}` of `{name}` is a `{}`, but parameter `{}` takes a `{}`",
+                spec.name,
+                type_name(spec.ty),
+                rf.param,
+                type_name(rf.want)
+            );
+            let label = format!("this is a `{}`", type_name(spec.ty));
+            let help = outs.iter().find(|s| s.ty.fits(rf.want)).map_or_else(
+                || format!("reference a stage with a `{}` output", type_name(rf.want)),
+                |s| {
+                    format!(
+                        "`{name}` has a `{}` output: `@{name}.{}`",
+                        type_name(s.ty),
+                        s.name
+                    )
+                },
+            );
+            ctx.err("output_type", rf.loc, &label, msg, Some(help));
+            return None;
+        }
+        Some(spec.name.to_string())
+    }
+
+    fn missing_stage(&self, loc: Loc, stem: &str, written: &str, ctx: &mut Ctx) {
+        if let Some((base, item)) = stem.split_once('/')
+            && let Some(members) = self.bases.get(base)
+        {
+            let items = members
+                .iter()
+                .filter_map(|&m| self.pending[m].name.split_once('/').map(|(_, i)| i));
+            let help = closest(item, items.clone()).map_or_else(
+                || format!("`{base}` has {}", one_of(items.take(8))),
+                |c| format!("did you mean `@{base}/{c}`?"),
+            );
+            ctx.err(
+                "missing_stage",
+                loc,
+                "no such expansion",
+                format!("`@{written}`: stage `{base}` has no expansion `{item}`"),
+                Some(help),
+            );
+            return;
+        }
+        let bases = self.bases.keys().map(String::as_str);
+        let plain = self
+            .pending
+            .iter()
+            .filter(|p| !p.expanded)
+            .map(|p| p.name.as_str());
+        let help = did_you_mean(stem, bases.chain(plain)).map_or_else(|| "references name a stage of this recipe: `@stage`, `@stage/item`, `@stage.output`, `@stage/*`".to_string(), |h| h);
+        ctx.err(
+            "missing_stage",
+            loc,
+            "no such stage",
+            format!("`@{written}` refers to a stage `{stem}` that does not exist"),
+            Some(help),
+        );
+    }
+
+    fn resolve_after(&self, name: &str, loc: Loc, ctx: &mut Ctx) -> Vec<usize> {
+        if let Some(&i) = self.names.get(name) {
+            return vec![i];
+        }
+        if let Some(members) = self.bases.get(name) {
+            return members.clone();
+        }
+        let candidates = self.bases.keys().map(String::as_str).chain(
+            self.pending
+                .iter()
+                .filter(|p| !p.expanded)
+                .map(|p| p.name.as_str()),
+        );
+        let help = did_you_mean(name, candidates)
+            .unwrap_or_else(|| "`after` names stages of this recipe".to_string());
+        ctx.err(
+            "missing_stage",
+            loc,
+            "no such stage",
+            format!("`after` names a stage `{name}` that does not exist"),
+            Some(help),
+        );
+        Vec::new()
+    }
+}
+
+/// `x/*` or `x/*.out` -> (`x`, output).
+fn gather_parts(t: &str) -> Option<(&str, Option<&str>)> {
+    if let Some(base) = t.strip_suffix("/*") {
+        return Some((base, None));
+    }
+    let (base, out) = t.split_once("/*.")?;
+    Some((base, Some(out)))
+}
+
+/// Replace each reference string by its fully qualified form; a gather becomes a list,
+/// spliced into the enclosing list if it was an element of one.
+fn rewrite_refs(p: &mut Pending, rewrites: &[(usize, Vec<String>)]) {
+    // Reverse order: splicing a gather into a list shifts the indices after it.
+    for (k, texts) in rewrites.iter().rev() {
+        let rf = &p.refs[*k];
+        let gather = gather_parts(&rf.target).is_some();
+        let Some(root) = p.params.get_mut(&rf.param) else {
+            continue;
+        };
+        let Some((last, parent_path)) = rf.pointer.split_last() else {
+            *root = if gather {
+                Value::Array(texts.iter().cloned().map(Value::String).collect())
+            } else {
+                texts.first().cloned().map_or(Value::Null, Value::String)
+            };
+            continue;
+        };
+        let ptr: String = parent_path.iter().map(|i| format!("/{i}")).collect();
+        let Some(list) = root.pointer_mut(&ptr).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        if *last >= list.len() {
+            continue;
+        }
+        if gather {
+            list.splice(*last..=*last, texts.iter().cloned().map(Value::String));
+        } else if let Some(t) = texts.first() {
+            list[*last] = Value::String(t.clone());
+        }
+    }
+}
+
+/// Topological order (declaration order breaks ties), or `None` after reporting cycles.
+fn topo(pending: &[Pending], preds: &[Vec<Edge>], ctx: &mut Ctx) -> Option<Vec<usize>> {
+    let n = pending.len();
+    let mut succ: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut indeg = vec![0usize; n];
+    for (to, edges) in preds.iter().enumerate() {
+        for e in edges {
+            succ[e.from].push(to);
+            indeg[to] += 1;
+        }
+    }
+    let mut heap: BinaryHeap<Reverse<usize>> =
+        (0..n).filter(|&i| indeg[i] == 0).map(Reverse).collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(Reverse(i)) = heap.pop() {
+        order.push(i);
+        for &s in &succ[i] {
+            indeg[s] -= 1;
+            if indeg[s] == 0 {
+                heap.push(Reverse(s));
+            }
+        }
+    }
+    if order.len() == n {
+        return Some(order);
+    }
+    report_cycles(pending, preds, &succ, &indeg, ctx);
+    None
+}
+
+/// Every stage left by Kahn's algorithm has a predecessor also left, so walking predecessors
+/// from any of them must reach a cycle. Report each cycle once; stages merely downstream of
+/// a reported cycle are not reported again.
+fn report_cycles(
+    pending: &[Pending],
+    preds: &[Vec<Edge>],
+    succ: &[Vec<usize>],
+    indeg: &[usize],
+    ctx: &mut Ctx,
+) {
+    let n = pending.len();
+    let left = |i: usize| indeg[i] > 0;
+    let mut explained = vec![false; n];
+    for start in 0..n {
+        if !left(start) || explained[start] {
+            continue;
+        }
+        let mut seen_at: HashMap<usize, usize> = HashMap::new();
+        let mut walk = vec![start];
+        let cycle = loop {
+            let cur = *walk.last().unwrap_or(&start);
+            seen_at.insert(cur, walk.len() - 1);
+            let Some(e) = preds[cur]
+                .iter()
+                .filter(|e| left(e.from))
+                .min_by_key(|e| e.from)
+            else {
+                break None;
+            };
+            if explained[e.from] {
+                break None;
+            }
+            if let Some(&at) = seen_at.get(&e.from) {
+                break Some(walk[at..].to_vec());
+            }
+            walk.push(e.from);
+        };
+        for &w in &walk {
+            explained[w] = true;
+        }
+        let Some(mut cycle) = cycle else { continue };
+        // `cycle` runs against the edges (consumer first); turn it into data-flow order,
+        // starting from the stage declared first.
+        cycle.reverse();
+        let first = cycle
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, s)| **s)
+            .map_or(0, |(k, _)| k);
+        cycle.rotate_left(first);
+        let mut labels = Vec::new();
+        let mut path: Vec<String> = cycle
+            .iter()
+            .map(|&s| format!("`{}`", pending[s].name))
+            .collect();
+        path.push(path[0].clone());
+        for (k, &from) in cycle.iter().enumerate() {
+            let to = cycle[(k + 1) % cycle.len()];
+            if let Some(e) = preds[to].iter().find(|e| e.from == from) {
+                labels.push(Label::new(
+                    e.loc,
+                    format!("`{}` needs `{}` here", pending[to].name, pending[from].name),
+                ));
+            }
+        }
+        ctx.diags.labelled(
+            &ctx.sources,
+            super::code("cycle"),
+            format!(
+                "stages depend on each other in a cycle: {}",
+                path.join(" -> ")
+            ),
+            Some("remove one of the labelled references or `after` entries".to_string()),
+            labels,
+        );
+        // Everything downstream of the cycle is blocked by it, not by a cycle of its own.
+        let mut stack = cycle;
+        while let Some(s) = stack.pop() {
+            for &t in &succ[s] {
+                if !explained[t] {
+                    explained[t] = true;
+                    stack.push(t);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! The recipe's own spanned value tree.
+//!
+//! `toml`'s `DeValue` borrows from one input string and carries byte spans into it. A recipe
+//! is assembled from several texts (the file, the files it `extends` or `include`s, and the
+//! `--set` command line), so every value here carries a [`Loc`]: which source it came from
+//! and where. Merging and overriding then move values between documents without losing the
+//! place an error must point at.
+//!
+//! Tables keep insertion order (stage declaration order is the tie-breaker of the
+//! topological order) and a name index, because the `stages` table of a generated recipe
+//! can hold 10,000 entries and merges look names up.
+
+use std::collections::HashMap;
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+/// A place in one of the recipe's sources: source id plus a byte range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Loc {
+    pub src: u32,
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Loc {
+    pub(crate) fn new(src: u32, range: std::ops::Range<usize>) -> Self {
+        let clamp = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+        Self {
+            src,
+            start: clamp(range.start),
+            end: clamp(range.end.max(range.start)),
+        }
+    }
+
+    /// The same place shifted by `offset` bytes (values parsed out of a larger text).
+    pub(crate) fn shifted(self, offset: usize) -> Self {
+        let off = u32::try_from(offset).unwrap_or(u32::MAX);
+        Self {
+            src: self.src,
+            start: self.start.saturating_add(off),
+            end: self.end.saturating_add(off),
+        }
+    }
+}
+
+/// A value with the place it was written.
+#[derive(Debug, Clone)]
+pub(crate) struct Node {
+    pub loc: Loc,
+    pub v: V,
+}
+
+/// The TOML value kinds. Datetimes are kept as their text: no parameter type accepts them,
+/// but a free-form `Table` parameter may carry one.
+#[derive(Debug, Clone)]
+pub(crate) enum V {
+    Str(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Datetime(String),
+    OutOfRange,
+    Array(Vec<Node>),
+    Table(Table),
+}
+
+impl V {
+    /// The TOML name of the value's type, for "expected X, got Y" messages.
+    pub(crate) fn type_name(&self) -> &'static str {
+        match self {
+            V::Str(_) => "a string",
+            V::Int(_) => "an integer",
+            V::Float(_) => "a float",
+            V::Bool(_) => "a boolean",
+            V::Datetime(_) => "a datetime",
+            V::OutOfRange => "an out-of-range number",
+            V::Array(_) => "an array",
+            V::Table(_) => "a table",
+        }
+    }
+}
+
+/// One `key = value` of a table, with the key's own place.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub key: String,
+    pub key_loc: Loc,
+    pub val: Node,
+}
+
+/// An ordered table with a name index.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Table {
+    entries: Vec<Entry>,
+    index: HashMap<String, usize>,
+}
+
+impl Table {
+    pub(crate) fn get(&self, key: &str) -> Option<&Entry> {
+        self.index.get(key).map(|&i| &self.entries[i])
+    }
+
+    pub(crate) fn get_mut(&mut self, key: &str) -> Option<&mut Entry> {
+        self.index.get(key).map(|&i| &mut self.entries[i])
+    }
+
+    /// Insert or replace (a replaced entry keeps its position: overriding a stage in a child
+    /// recipe must not reorder the stages).
+    pub(crate) fn insert(&mut self, entry: Entry) {
+        if let Some(&i) = self.index.get(&entry.key) {
+            self.entries[i] = entry;
+        } else {
+            self.index.insert(entry.key.clone(), self.entries.len());
+            self.entries.push(entry);
+        }
+    }
+
+    /// Remove a key, keeping the order of the others.
+    pub(crate) fn remove(&mut self, key: &str) -> Option<Entry> {
+        let i = self.index.remove(key)?;
+        let e = self.entries.remove(i);
+        for j in self.index.values_mut() {
+            if *j > i {
+                *j -= 1;
+            }
+        }
+        Some(e)
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter()
+    }
+
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.key.as_str())
+    }
+
+    pub(crate) fn into_entries(self) -> Vec<Entry> {
+        self.entries
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// Convert a parsed TOML table (spans relative to `offset` within source `src`).
+pub(crate) fn from_de_table(src: u32, offset: usize, t: &DeTable<'_>) -> Table {
+    let mut out = Table::default();
+    for (k, v) in t {
+        out.insert(Entry {
+            key: k.get_ref().to_string(),
+            key_loc: Loc::new(src, k.span()).shifted(offset),
+            val: from_de_value(src, offset, v),
+        });
+    }
+    out
+}
+
+/// Convert a parsed TOML value.
+pub(crate) fn from_de_value(src: u32, offset: usize, v: &Spanned<DeValue<'_>>) -> Node {
+    let loc = Loc::new(src, v.span()).shifted(offset);
+    let v = match v.get_ref() {
+        DeValue::String(s) => V::Str(s.to_string()),
+        // The parser has checked the digits, so only an integer beyond i64 fails here; it is
+        // kept as a value no parameter type accepts, so the type check names it.
+        DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+            Ok(n) => V::Int(n),
+            Err(_) => V::OutOfRange,
+        },
+        DeValue::Float(f) => match f.as_str().replace('_', "").parse::<f64>() {
+            Ok(x) => V::Float(x),
+            Err(_) => V::OutOfRange,
+        },
+        DeValue::Boolean(b) => V::Bool(*b),
+        DeValue::Datetime(d) => V::Datetime(d.to_string()),
+        DeValue::Array(a) => V::Array(a.iter().map(|x| from_de_value(src, offset, x)).collect()),
+        DeValue::Table(t) => V::Table(from_de_table(src, offset, t)),
+    };
+    Node { loc, v }
+}
+
+/// A scalar rendered as the text used in expansion names and `{item}` substitution.
+/// Floats use Rust's shortest round-trip form, so `1e-4` names a stage `lr=0.0001`.
+pub(crate) fn scalar_text(v: &V) -> Option<String> {
+    match v {
+        V::Str(s) => Some(s.clone()),
+        V::Int(i) => Some(i.to_string()),
+        V::Float(f) => Some(f.to_string()),
+        V::Bool(b) => Some(b.to_string()),
+        V::Datetime(_) | V::OutOfRange | V::Array(_) | V::Table(_) => None,
+    }
+}

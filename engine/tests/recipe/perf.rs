@@ -1,0 +1,66 @@
+//! Loading stays linear: a 10,000-stage recipe loads well within the plan budget (0.2 s for
+//! the whole plan, of which loading is a part).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+fn best_of_3(text: &str) -> Duration {
+    let mut f = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp file");
+    f.write_all(text.as_bytes()).expect("write");
+    let reg = super::kinds::registry();
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            let r = engine::recipe::load(f.path(), &[], &reg)
+                .unwrap_or_else(|e| panic!("{}", super::render(&e)));
+            assert_eq!(r.stages.len(), 10_000);
+            t.elapsed()
+        })
+        .min()
+        .expect("three runs")
+}
+
+/// 10,000 plain stages, each reading its predecessor: a huge `[stages]` table.
+#[test]
+fn chain_of_10000_plain_stages() {
+    let mut text = String::from("[stages.s0]\nkind = \"data.synth\"\n");
+    for i in 1..10_000 {
+        let _ = write!(
+            text,
+            "[stages.s{i}]\nkind = \"data.rewrite\"\ndata = \"@s{}\"\nx = {i}\n",
+            i - 1
+        );
+    }
+    let t = best_of_3(&text);
+    assert!(
+        t < Duration::from_millis(200),
+        "10,000-stage chain took {t:?}"
+    );
+}
+
+/// 100 layers of a 100-item foreach, each element reading the matching element of the
+/// previous layer and the last layer gathering everything.
+#[test]
+fn layered_10000_expanded_stages() {
+    let items: Vec<String> = (0..100).map(|i| format!("\"t{i}\"")).collect();
+    let mut text = format!(
+        "[vars]\nitems = [{}]\n[stages.l0]\nkind = \"data.synth\"\nforeach = \"items\"\n",
+        items.join(", ")
+    );
+    for l in 1..100 {
+        let _ = write!(
+            text,
+            "[stages.l{l}]\nkind = \"data.rewrite\"\nforeach = \"items\"\ndata = \"@l{}/{{item}}\"\ntask = \"{{item}}-{{index}}\"\n",
+            l - 1
+        );
+    }
+    let t = best_of_3(&text);
+    assert!(
+        t < Duration::from_millis(200),
+        "10,000 expanded stages took {t:?}"
+    );
+}
