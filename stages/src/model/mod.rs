@@ -35,6 +35,7 @@ pub mod chat;
 pub mod clip;
 pub mod config;
 pub mod generate;
+pub mod image;
 pub mod linear;
 pub mod llama;
 pub mod llava;
