@@ -31,6 +31,7 @@
 //! Errors that come from user input (a config field, a checkpoint tensor, an adapter, an
 //! input batch) are [`ModelError`]s naming the file and the field or tensor.
 
+pub mod bench;
 pub mod chat;
 pub mod clip;
 pub mod config;
