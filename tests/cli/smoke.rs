@@ -114,15 +114,34 @@ fn help_lists_the_subcommands() {
 }
 
 #[test]
-fn only_runs_the_selected_stage_and_its_missing_upstream() {
+fn only_runs_exactly_the_selected_stages() {
     let (p, _) = Project::with_shape(Shape::Chain, 4, &RecipeOpts::default());
+    // On a cold cache, s0001's upstream is not selected and not cached: a clear failure
+    // naming the stage to include, never a silent run of s0000.
+    let cold = p.run_json(&["--only", "s0001"]);
+    assert_ne!(cold.code, 0, "s0000 is neither selected nor cached");
+    assert!(
+        !cold.set_of("stage-started").contains("s0000"),
+        "--only must not run unselected stages"
+    );
+    assert!(
+        cold.stderr.contains("s0000") || cold.stdout.contains("s0000"),
+        "the error must name `s0000`:\n{}",
+        cold.stderr
+    );
+
+    p.run_json(&["--only", "s0000"]).ok();
     let r = p.run_json(&["--only", "s0001"]);
     r.ok();
-    let started = r.set_of("stage-started");
-    assert!(started.contains("s0001"), "{started:?}");
-    assert!(
-        !started.contains("s0002") && !started.contains("s0003"),
-        "--only must not run downstream: {started:?}"
+    assert_eq!(
+        r.set_of("stage-started"),
+        ["s0001".to_owned()].into(),
+        "--only runs exactly s0001"
+    );
+    assert_eq!(
+        p.exec_counts().get("s0002"),
+        None,
+        "--only must not run downstream"
     );
 }
 

@@ -60,7 +60,5 @@ pub(crate) fn write_recipe(dir: &Path, shape: &str, n: usize) -> PathBuf {
 
 /// A registry with the engine's built-in kinds.
 pub(crate) fn registry() -> engine::stage::Registry {
-    let mut r = engine::stage::Registry::new();
-    r.register(engine::shell::Shell);
-    r
+    engine::builtin_registry()
 }
