@@ -499,16 +499,18 @@ impl Llava {
     }
 
     /// Freezes every parameter, then turns the group `mode` selects into variables (named
-    /// canonically; LoRA factors by their PEFT keys) and returns them. An empty selection
-    /// is an error (it would train nothing).
+    /// canonically; LoRA factors by their PEFT keys) and returns them. Parameters the
+    /// forward never reads (see `never_used`) stay frozen. An empty selection is an error
+    /// (it would train nothing).
     pub fn trainable_vars(&mut self, mode: TrainMode) -> Result<Vec<(String, Var)>> {
         let mut out = Vec::new();
         for id in self.store.ids().collect::<Vec<_>>() {
             let name = self.store.name(id).to_owned();
             let t = self.store.get(id).detach();
-            let pick = (mode.projector && name.starts_with("multi_modal_projector."))
-                || (mode.language_model && name.starts_with("language_model."))
-                || (mode.vision && name.starts_with("vision_tower."));
+            let pick = !self.never_used(&name)
+                && ((mode.projector && name.starts_with("multi_modal_projector."))
+                    || (mode.language_model && name.starts_with("language_model."))
+                    || (mode.vision && name.starts_with("vision_tower.")));
             if pick {
                 let v = Var::from_tensor(&t)?;
                 self.store.set(id, v.as_tensor().clone());
@@ -517,8 +519,15 @@ impl Llava {
                 self.store.set(id, t);
             }
         }
-        let keys: Vec<(usize, String, String)> = (0..self.linears.len())
-            .map(|s| (s, self.peft_key(s, "lora_A"), self.peft_key(s, "lora_B")))
+        let keys: Vec<(String, String, bool)> = (0..self.linears.len())
+            .map(|s| {
+                let unused = self.never_used(&format!("{}.weight", self.linears[s].name));
+                (
+                    self.peft_key(s, "lora_A"),
+                    self.peft_key(s, "lora_B"),
+                    unused,
+                )
+            })
             .collect();
         let trainable_adapters = self.adapters.iter().filter(|a| a.trainable).count();
         if mode.lora && trainable_adapters > 1 {
@@ -531,12 +540,13 @@ impl Llava {
             for (slot, pair) in ad.pairs.iter_mut().enumerate() {
                 let Some(p) = pair else { continue };
                 let (a, b) = (p.a.detach(), p.b.detach());
-                if train {
+                let (key_a, key_b, unused) = &keys[slot];
+                if train && !unused {
                     let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
                     p.a = va.as_tensor().clone();
                     p.b = vb.as_tensor().clone();
-                    out.push((keys[slot].1.clone(), va));
-                    out.push((keys[slot].2.clone(), vb));
+                    out.push((key_a.clone(), va));
+                    out.push((key_b.clone(), vb));
                 } else {
                     (p.a, p.b) = (a, b);
                 }
@@ -548,6 +558,21 @@ impl Llava {
             )));
         }
         Ok(out)
+    }
+}
+
+impl Llava {
+    /// Parameters no forward ever reads: CLIP's `post_layernorm` and the encoder layers past
+    /// the selected feature layer. They are loaded and saved but never made trainable (they
+    /// would get no gradient, and an optimizer would carry state for nothing).
+    fn never_used(&self, name: &str) -> bool {
+        if name.starts_with("vision_tower.post_layernorm.") {
+            return true;
+        }
+        name.strip_prefix("vision_tower.encoder.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|n| n >= self.cfg.feature_layer_index())
     }
 }
 
