@@ -100,6 +100,10 @@ pub(crate) fn parse_event(line: &str) -> Value {
         Some(2),
         "envelope has keys besides type/data: {line}"
     );
+    // The engine's own type must read it back, so the wire format cannot drift from it.
+    if let Err(e) = serde_json::from_value::<engine::events::Event>(v.clone()) {
+        panic!("line does not deserialize into engine::events::Event ({e}): {line}");
+    }
     v
 }
 

@@ -118,26 +118,46 @@ fn explain_json_carries_the_param_diff() {
     let p = setup_changed();
     let r = explain(&p, "s0001", true);
     r.ok();
-    let values: Vec<Value> = r
-        .stdout
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("explain --json line is not JSON ({e}): {l}"))
-        })
-        .collect();
+    // One JSON document (possibly pretty-printed) or JSON Lines.
+    let values: Vec<Value> = serde_json::from_str::<Value>(&r.stdout).map_or_else(
+        |_| {
+            r.stdout
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|l| {
+                    serde_json::from_str(l)
+                        .unwrap_or_else(|e| panic!("explain --json line is not JSON ({e}): {l}"))
+                })
+                .collect()
+        },
+        |v| vec![v],
+    );
     assert!(
         !values.is_empty(),
         "explain --json printed nothing; stderr:\n{}",
         r.stderr
     );
-    let all = serde_json::to_string(&values).unwrap();
+    let mut changes = Vec::new();
+    for v in &values {
+        collect_param_changes(v, &mut changes);
+    }
+    let q = changes
+        .iter()
+        .find(|c| {
+            c["path"]
+                .as_str()
+                .is_some_and(|p| p == "q" || p.ends_with(".q"))
+        })
+        .unwrap_or_else(|| panic!("no `param-changed` reason for `q` in: {}", r.stdout));
+    assert_eq!(q["old"], 1, "{q}");
+    assert_eq!(q["new"], 5, "{q}");
     assert!(
-        all.contains("\"q\""),
-        "no param `q` in the JSON explanation: {all}"
+        !changes.iter().any(|c| c["path"]
+            .as_str()
+            .is_some_and(|p| p == "p" || p.ends_with(".p"))),
+        "`p` did not change: {}",
+        r.stdout
     );
-    assert!(all.contains('5'), "new value 5 missing: {all}");
 }
 
 #[test]
@@ -198,4 +218,18 @@ fn plan_marks_hit_run_and_maybe() {
     );
     // plan runs nothing.
     assert_eq!(p.exec_counts()["s0001"], 1, "plan must not execute stages");
+}
+
+/// Every object tagged `"reason": "param-changed"` anywhere in `v`.
+fn collect_param_changes(v: &Value, out: &mut Vec<Value>) {
+    match v {
+        Value::Object(m) => {
+            if m.get("reason").and_then(Value::as_str) == Some("param-changed") {
+                out.push(v.clone());
+            }
+            m.values().for_each(|x| collect_param_changes(x, out));
+        }
+        Value::Array(a) => a.iter().for_each(|x| collect_param_changes(x, out)),
+        _ => {}
+    }
 }

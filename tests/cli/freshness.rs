@@ -282,5 +282,9 @@ fn set_override_reruns_like_an_edit() {
     // The override is not persisted: without it, everything is a hit again.
     let back = p.run_json(&[]);
     back.ok();
-    assert!(back.set_of("stage-started").is_empty(), "{:?}", back.set_of("stage-started"));
+    assert!(
+        back.set_of("stage-started").is_empty(),
+        "{:?}",
+        back.set_of("stage-started")
+    );
 }
