@@ -35,6 +35,7 @@ pub mod bench;
 pub mod chat;
 pub mod clip;
 pub mod config;
+pub mod files;
 pub mod generate;
 pub mod image;
 pub mod linear;
