@@ -291,3 +291,104 @@ impl CustomOp3 for Rope {
         ))
     }
 }
+
+// ---------------------------------------------------------------- LayerNorm
+
+/// LayerNorm over the last dim (biased variance) with affine weight and bias.
+pub(crate) struct LayerNorm {
+    pub(crate) eps: f32,
+}
+
+/// Mean and `1/sqrt(var + eps)` of one row.
+fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            slice(s1, l1, "layer_norm")?,
+            slice(s2, l2, "layer_norm")?,
+            slice(s3, l3, "layer_norm")?,
+        );
+        let d = w.len();
+        if d == 0 || b.len() != d || l1.dims().last() != Some(&d) {
+            bail!(
+                "layer_norm: weight {:?} / bias {:?} do not match input {:?}",
+                l2.dims(),
+                l3.dims(),
+                l1.dims()
+            );
+        }
+        let mut y = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let (mean, inv) = moments(xr, self.eps);
+            for j in 0..d {
+                yr[j] = (xr[j] - mean) * inv * w[j] + b[j];
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.elem_count();
+        let (dx, dw, db) = with_f32(x, "layer_norm", |x| {
+            with_f32(w, "layer_norm", |w| {
+                with_f32(g, "layer_norm", |g| {
+                    let mut dx = vec![0f32; x.len()];
+                    let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                    let mut xhat = vec![0f32; d];
+                    for ((xr, gr), dxr) in x
+                        .chunks_exact(d)
+                        .zip(g.chunks_exact(d))
+                        .zip(dx.chunks_exact_mut(d))
+                    {
+                        let (mean, inv) = moments(xr, self.eps);
+                        // dx = inv · (dy − mean(dy) − x̂ · mean(dy · x̂)), dy = g · w.
+                        let (mut m1, mut m2) = (0f32, 0f32);
+                        for j in 0..d {
+                            xhat[j] = (xr[j] - mean) * inv;
+                            let dy = gr[j] * w[j];
+                            m1 += dy;
+                            m2 += dy * xhat[j];
+                            dw[j] += gr[j] * xhat[j];
+                            db[j] += gr[j];
+                        }
+                        let (m1, m2) = (m1 / d as f32, m2 / d as f32);
+                        for j in 0..d {
+                            dxr[j] = inv * (gr[j] * w[j] - m1 - xhat[j] * m2);
+                        }
+                    }
+                    (dx, dw, db)
+                })
+            })
+        })???;
+        Ok((
+            Some(tensor(dx, x.shape())?),
+            Some(tensor(dw, w.shape())?),
+            Some(tensor(db, b.shape())?),
+        ))
+    }
+}

@@ -8,11 +8,16 @@
 //! dtype and device, and fall back to [`reference`], the composed-primitive versions,
 //! everywhere else. Signatures never change between the two, so model code is oblivious.
 //!
-//! Fused kernels (CPU, f32): [`rms_norm`], [`softmax_last_dim`], [`rope`] (module `fused`),
+//! Fused kernels (CPU, f32): [`rms_norm`], [`layer_norm`], [`softmax_last_dim`], [`rope`]
+//! (module `fused`),
 //! [`attention`] (module `attention`: flash-style, GQA, additive mask), and [`linear`] /
 //! [`lora_linear`] with a frozen base weight (module `lora`: skips the weight-gradient GEMM
-//! candle would otherwise compute and discard). [`layer_norm`] and the activations use the
-//! composed path (candle's elementwise activations already have a backward).
+//! candle would otherwise compute and discard). The activations use candle's elementwise
+//! ops, which already have a backward.
+//!
+//! The CPU kernels are also the reference semantics for future CUDA kernels; on any other
+//! device the composed path runs (candle's default `cuda_fwd` of a `CustomOp` returns a
+//! "no cuda implementation" error, and dispatch never reaches it).
 
 use candle_core::{D, Result, Tensor};
 
@@ -35,6 +40,12 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// LayerNorm over the last dim with weight and bias.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if eligible(&[x, w, b]) {
+        let op = fused::LayerNorm { eps: eps as f32 };
+        return x
+            .contiguous()?
+            .apply_op3(&w.contiguous()?, &b.contiguous()?, op);
+    }
     reference::layer_norm(x, w, b, eps)
 }
 

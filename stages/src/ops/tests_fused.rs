@@ -82,6 +82,17 @@ fn fused_rms_norm_matches_reference() {
 }
 
 #[test]
+fn fused_layer_norm_matches_reference() {
+    let ins = [randn(&[3, 6, 24], 31), randn(&[24], 32), randn(&[24], 33)];
+    check(
+        "layer_norm",
+        &ins,
+        |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+        |t| reference::layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+    );
+}
+
+#[test]
 fn fused_softmax_matches_reference() {
     let x = (randn(&[4, 5, 33], 3) * 6.0).unwrap();
     check(
