@@ -1,1 +1,42 @@
-fn main() {}
+//! `pipeline`: the thin binary. Parse the command line, dispatch to `commands`, map the
+//! outcome to an exit code (0 ok, 1 a stage failed, 2 invalid recipe or usage, 3
+//! environment error, 130 interrupted) and render errors with miette.
+
+mod cli;
+mod commands;
+mod reporters;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    // Fancy diagnostics (source snippets, labels, help); colours follow the terminal and
+    // NO_COLOR.
+    let _ = miette::set_hook(Box::new(|_| {
+        Box::new(
+            miette::MietteHandlerOpts::new()
+                .terminal_links(false)
+                .build(),
+        )
+    }));
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // clap prints help/version on stdout (exit 0) and usage errors on stderr (exit 2).
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    let code = match commands::dispatch(cli) {
+        Ok(code) => code,
+        Err(failure) => {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!("{:?}", failure.report);
+            }
+            failure.code
+        }
+    };
+    ExitCode::from(code)
+}

@@ -122,10 +122,11 @@ impl RunSummary {
 
 /// An environment failure that stops the whole run (exit code 3): the cache is unwritable,
 /// the disk is full. Stage failures are not errors; they are in [`RunSummary::failed`].
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
 pub enum ExecError {
     /// The cache failed.
     #[error("cache error while {doing}: {source}")]
+    #[diagnostic(code(pipeline::exec::cache))]
     Cache {
         /// What the engine was doing.
         doing: String,
@@ -135,6 +136,7 @@ pub enum ExecError {
     },
     /// The selection names stages that do not exist.
     #[error("BUG: stage index {0} out of range")]
+    #[diagnostic(code(pipeline::exec::internal))]
     BadSelection(usize),
 }
 

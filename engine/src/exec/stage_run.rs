@@ -68,7 +68,9 @@ fn cache_err(doing: &str, e: cache::Error) -> StageError {
 fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, StageError> {
     if job.forced {
         // Otherwise the lease would report the existing entry as a hit.
-        env.cache.remove_entry(&job.key).map_err(|e| cache_err("cannot remove the forced stage's entry", e))?;
+        env.cache
+            .remove_entry(&job.key)
+            .map_err(|e| cache_err("cannot remove the forced stage's entry", e))?;
     }
     // The lease makes two processes never compute one key at once; the loser usually hits.
     let _guard = match env

@@ -311,6 +311,9 @@ mod tests {
     fn encoding_is_stable() {
         let v = json!({"lr": 2e-4, "steps": 100, "name": "gqa", "tags": ["a", null, true]});
         let hex: String = digest(&v).iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(hex, "0ad5e8c25b976d55c62153dbe00719dbcd4789523f0077e15eb596dc224723ec");
+        assert_eq!(
+            hex,
+            "0ad5e8c25b976d55c62153dbe00719dbcd4789523f0077e15eb596dc224723ec"
+        );
     }
 }

@@ -204,7 +204,10 @@ mod tests {
     /// Keys are on-disk names: if this fails, bump `KEY_SCHEMA` and update the value.
     #[test]
     fn key_is_stable() {
-        assert_eq!(manifest().key().to_hex(), "4ff190eaf1dec9fb8f6e7d2c849dead473ef08342738e299c3278cff729984ef");
+        assert_eq!(
+            manifest().key().to_hex(),
+            "4ff190eaf1dec9fb8f6e7d2c849dead473ef08342738e299c3278cff729984ef"
+        );
         assert_eq!(derive_seed(1234, "task/GQA"), 16_609_509_672_058_602_596);
     }
 

@@ -118,7 +118,13 @@ impl fmt::Display for RerunReason {
         match self {
             Self::NeverRun => write!(f, "never run"),
             Self::ParamChanged { path, old, new } => {
-                write!(f, "param `{path}` changed ({} → {})", show(old), show(new))
+                write!(
+                    f,
+                    "param `{}` changed ({} → {})",
+                    short_path(path),
+                    show(old),
+                    show(new)
+                )
             }
             Self::InputChanged {
                 input,
@@ -156,6 +162,12 @@ impl fmt::Display for RerunReason {
             Self::PreviousAttemptIncomplete => write!(f, "previous attempt incomplete (resuming)"),
         }
     }
+}
+
+/// The `shell` kind keeps user parameters in a `params` table that commands use as
+/// `${params.NAME}`; the prefix is noise in messages (the JSON keeps the full path).
+fn short_path(path: &str) -> &str {
+    path.strip_prefix("params.").unwrap_or(path)
 }
 
 /// Values are shown as TOML-ish literals; `null` means "absent".

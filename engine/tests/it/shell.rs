@@ -48,7 +48,7 @@ fn shell_stages_run_restore_and_cache() {
     // `q` is hashed: it reruns s1.
     let out = p.run(&RECIPE.replace("q = 1", "q = 2"));
     assert_eq!(out.ran(), ["s1"]);
-    assert_eq!(out.rerun_lines(), ["[RERUN] s1: param `params.q` changed (1 → 2)"]);
+    assert_eq!(out.rerun_lines(), ["[RERUN] s1: param `q` changed (1 → 2)"]);
 }
 
 #[test]

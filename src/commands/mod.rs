@@ -1,0 +1,127 @@
+//! One module per subcommand, plus what they share: loading a recipe, opening the cache,
+//! and the error type that carries an exit code.
+
+mod dag;
+mod exec;
+mod explain;
+mod gc;
+mod kinds;
+mod plan;
+mod run;
+
+use std::path::{Path, PathBuf};
+
+use cache::Cache;
+use engine::recipe::{self, Recipe};
+use engine::stage::Registry;
+
+use crate::cli::{Cli, Command, GlobalArgs};
+
+/// Exit codes.
+pub mod exit {
+    /// A stage failed.
+    pub const STAGE_FAILED: u8 = 1;
+    /// Invalid recipe or usage.
+    pub const USAGE: u8 = 2;
+    /// Environment error (unwritable cache, missing `sbatch`).
+    pub const ENVIRONMENT: u8 = 3;
+    /// Interrupted (Ctrl-C).
+    pub const INTERRUPTED: u8 = 130;
+}
+
+/// An error that ends the command with `code`.
+pub struct Failure {
+    pub code: u8,
+    pub report: miette::Report,
+}
+
+impl Failure {
+    pub fn usage(report: impl Into<miette::Report>) -> Self {
+        Self {
+            code: exit::USAGE,
+            report: report.into(),
+        }
+    }
+
+    pub fn environment(report: impl Into<miette::Report>) -> Self {
+        Self {
+            code: exit::ENVIRONMENT,
+            report: report.into(),
+        }
+    }
+}
+
+pub type CmdResult = Result<u8, Failure>;
+
+pub fn dispatch(cli: Cli) -> CmdResult {
+    let g = &cli.global;
+    match cli.command {
+        Command::Run(args) => run::run(g, &args),
+        Command::Plan(args) => plan::plan(g, &args),
+        Command::Explain(args) => explain::explain(g, &args),
+        Command::Dag(args) => dag::dag(g, &args),
+        Command::Exec(args) => exec::exec(g, &args),
+        Command::Kinds => kinds::kinds(g),
+        Command::Gc(args) => gc::gc(g, &args),
+    }
+}
+
+/// Every kind this build knows: the engine's own (`shell`) and, with the `ml` feature, the
+/// stage kinds of the `stages` crate once it exports them.
+pub fn registry() -> Registry {
+    engine::builtin_registry()
+}
+
+pub fn load(path: &Path, sets: &[String], registry: &Registry) -> Result<Recipe, Failure> {
+    recipe::load(path, sets, registry).map_err(Failure::usage)
+}
+
+pub fn cache_dir(g: &GlobalArgs) -> PathBuf {
+    g.cache_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(".pipeline"))
+}
+
+pub fn runs_dir(g: &GlobalArgs) -> PathBuf {
+    g.runs_dir.clone().unwrap_or_else(|| PathBuf::from("runs"))
+}
+
+pub fn open_cache(g: &GlobalArgs) -> Result<Cache, Failure> {
+    let dir = cache_dir(g);
+    Cache::open(&dir).map_err(|e| {
+        Failure::environment(miette::miette!(
+            help = "pass a writable directory with `--cache-dir` or `PIPELINE_CACHE_DIR`",
+            "cannot use the cache directory `{}`: {e}",
+            dir.display()
+        ))
+    })
+}
+
+/// The index of a stage named on the command line, with a did-you-mean.
+pub fn stage_index(recipe: &Recipe, name: &str) -> Result<usize, Failure> {
+    recipe.index_of(name).ok_or_else(|| {
+        let best = recipe
+            .stages
+            .iter()
+            .map(|s| (strsim::jaro_winkler(&s.name, name), &s.name))
+            .filter(|(score, _)| *score > 0.8)
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, n)| n.clone());
+        let help = best.map_or_else(
+            || "`pipeline plan <recipe>` lists the stages".to_owned(),
+            |b| format!("did you mean `{b}`?"),
+        );
+        Failure::usage(miette::miette!(
+            help = help,
+            "no stage `{name}` in this recipe"
+        ))
+    })
+}
+
+/// Write to stdout, ignoring a closed pipe (`pipeline plan x | head` must not fail).
+pub fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+}

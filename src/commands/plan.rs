@@ -1,0 +1,70 @@
+//! `pipeline plan`: a table of every stage with its status (hit, run, maybe) and reasons.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use engine::exec::KeyEnv;
+use engine::plan::Status;
+
+use super::{CmdResult, load, open_cache, out, registry};
+use crate::cli::{GlobalArgs, RecipeArgs};
+
+pub fn plan(g: &GlobalArgs, args: &RecipeArgs) -> CmdResult {
+    let registry = registry();
+    let recipe = load(&args.recipe, &args.set, &registry)?;
+    let cache = open_cache(g)?;
+    let env = KeyEnv {
+        env: engine::env_vars::keyed_env(),
+    };
+    let plan = engine::plan::plan(&recipe, &registry, &cache, &env, &BTreeSet::new());
+    let mut text = String::new();
+    if g.json {
+        for row in &plan.rows {
+            if let Ok(line) = serde_json::to_string(row) {
+                let _ = writeln!(text, "{line}");
+            }
+        }
+        out(&text);
+        return Ok(0);
+    }
+    let width = plan
+        .rows
+        .iter()
+        .map(|r| r.stage.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let _ = writeln!(text, "{:<width$}  {:<6} REASONS", "STAGE", "STATUS");
+    for row in &plan.rows {
+        let why = match row.status {
+            Status::Hit => String::new(),
+            Status::Error => row.error.clone().unwrap_or_default(),
+            Status::Run | Status::Maybe => row
+                .reasons
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        };
+        let _ = writeln!(
+            text,
+            "{:<width$}  {:<6} {why}",
+            row.stage,
+            row.status.as_str()
+        );
+    }
+    if !g.quiet {
+        let count = |s: Status| plan.rows.iter().filter(|r| r.status == s).count();
+        let _ = writeln!(
+            text,
+            "\n{} stages: {} hit, {} run, {} maybe, {} error",
+            plan.rows.len(),
+            count(Status::Hit),
+            count(Status::Run),
+            count(Status::Maybe),
+            count(Status::Error)
+        );
+    }
+    out(&text);
+    Ok(0)
+}
