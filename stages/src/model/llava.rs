@@ -215,6 +215,29 @@ impl Llava {
         &self.store
     }
 
+    /// Replaces base parameter `name` (canonical) with `value` (same shape; converted to the
+    /// model's dtype and device; frozen until the next [`Llava::trainable_vars`]).
+    pub fn set_param(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        let id = self
+            .store
+            .id(name)
+            .ok_or_else(|| ModelError::Input(format!("no parameter `{name}`")))?;
+        let cur = self.store.get(id);
+        if cur.dims() != value.dims() {
+            return Err(ModelError::Input(format!(
+                "parameter `{name}` has shape {:?}, got {:?}",
+                cur.dims(),
+                value.dims()
+            )));
+        }
+        let v = value
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)?
+            .detach();
+        self.store.set(id, v);
+        Ok(())
+    }
+
     /// Every linear layer (LoRA-targetable), in registration order.
     pub fn linears(&self) -> &[LinearInfo] {
         &self.linears
