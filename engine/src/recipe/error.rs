@@ -171,12 +171,12 @@ impl Label {
     }
 }
 
-/// Collects problems while a recipe is loaded, dropping exact repeats (the same problem in
-/// every expansion of a `foreach` stage).
+/// Collects problems while a recipe is loaded, keeping one problem per code and place: the
+/// same template checked in every expansion of a `foreach` stage reports once.
 #[derive(Default)]
 pub(crate) struct Diags {
     problems: Vec<Problem>,
-    seen: HashSet<(&'static str, Loc, String)>,
+    seen: HashSet<(&'static str, Loc)>,
 }
 
 impl Diags {
@@ -217,7 +217,7 @@ impl Diags {
             self.plain(code, message, help);
             return;
         };
-        if !self.seen.insert((code, first, message.clone())) {
+        if !self.seen.insert((code, first)) {
             return;
         }
         let mut here = Vec::new();

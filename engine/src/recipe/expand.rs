@@ -18,6 +18,7 @@
 //! every stage name is known.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -26,9 +27,9 @@ use super::Ctx;
 use super::error::{Label, did_you_mean, one_of};
 use super::load::Doc;
 use super::value::{Loc, Node, Table, V, scalar_text};
-use crate::stage::{ArtifactType, ParamSpec, ParamType, Registry, Resources, StageKind};
+use crate::stage::{ArtifactType, ParamType, Registry, Resources, StageKind};
 
-const RESERVED: [&str; 7] = [
+pub(crate) const RESERVED: [&str; 7] = [
     "kind",
     "foreach",
     "matrix",
@@ -85,6 +86,13 @@ pub(crate) fn experiment(doc: &Doc, stem: &str, ctx: &mut Ctx) -> (String, u64) 
                 Some("use letters, digits, `-`, `_` and `.` (not first)".to_string()),
             ),
             ("seed", V::Int(n)) if *n >= 0 => seed = n.unsigned_abs(),
+            ("seed", V::Int(n)) => ctx.err(
+                "bad_value",
+                e.val.loc,
+                "negative",
+                format!("`experiment.seed` must be a non-negative integer, got `{n}`"),
+                Some("write e.g. `seed = 1234`".to_string()),
+            ),
             ("name" | "seed", v) => {
                 let want = if e.key == "name" {
                     "a string"
@@ -133,15 +141,34 @@ fn valid_stage_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
 }
 
+/// The expanded stages, and the names of stages whose expansion failed (references to them
+/// are not reported again as missing).
+pub(crate) struct Expanded {
+    pub pending: Vec<Pending>,
+    pub broken: HashSet<String>,
+}
+
 /// Expand every stage of `doc`, in declaration order.
-pub(crate) fn expand(doc: &Doc, registry: &Registry, ctx: &mut Ctx) -> Vec<Pending> {
+pub(crate) fn expand(doc: &Doc, registry: &Registry, ctx: &mut Ctx) -> Expanded {
     let vars = check_vars(&doc.vars, ctx);
-    let mut out = Vec::with_capacity(doc.stages.len());
+    let mut out = Expanded {
+        pending: Vec::with_capacity(doc.stages.len()),
+        broken: HashSet::new(),
+    };
     for e in doc.stages.iter() {
-        if let V::Table(t) = &e.val.v {
-            expand_stage(
-                &e.key, e.key_loc, t, &doc.vars, &vars, registry, ctx, &mut out,
-            );
+        if let V::Table(t) = &e.val.v
+            && !expand_stage(
+                &e.key,
+                e.key_loc,
+                t,
+                &doc.vars,
+                &vars,
+                registry,
+                ctx,
+                &mut out.pending,
+            )
+        {
+            out.broken.insert(e.key.clone());
         }
     }
     out
@@ -241,6 +268,7 @@ struct Element {
     dims: Vec<(String, Node)>,
 }
 
+/// Expand one stage into `out`; `false` if its expansion itself failed (no elements).
 #[allow(clippy::too_many_arguments)]
 fn expand_stage(
     name: &str,
@@ -251,7 +279,7 @@ fn expand_stage(
     registry: &Registry,
     ctx: &mut Ctx,
     out: &mut Vec<Pending>,
-) {
+) -> bool {
     if !valid_stage_name(name) {
         ctx.err("bad_name", name_loc, "invalid stage name", format!("stage name `{name}` may only contain letters, digits, `-` and `_`"), Some("in references `/` selects an expansion and `.` an output, so names cannot contain them".to_string()));
     }
@@ -319,7 +347,7 @@ fn expand_stage(
                 format!("stage `{name}` has both `foreach` and `matrix`"),
                 Some("use `matrix` with several dimensions instead".to_string()),
             );
-            return;
+            return false;
         }
         (Some(f), None) => {
             let Some(items) = list_of(
@@ -329,7 +357,7 @@ fn expand_stage(
                 vars,
                 ctx,
             ) else {
-                return;
+                return false;
             };
             for (i, item) in items.into_iter().enumerate() {
                 elements.push(Element {
@@ -357,7 +385,7 @@ fn expand_stage(
                             .to_string(),
                     ),
                 );
-                return;
+                return false;
             };
             let mut lists = Vec::new();
             for d in dims.iter() {
@@ -368,7 +396,7 @@ fn expand_stage(
                     vars,
                     ctx,
                 ) else {
-                    return;
+                    return false;
                 };
                 lists.push((d.key.clone(), items));
             }
@@ -380,7 +408,7 @@ fn expand_stage(
                     format!("`matrix` of stage `{name}` has no dimensions"),
                     None,
                 );
-                return;
+                return false;
             }
             elements = product(name, &lists);
         }
@@ -503,7 +531,7 @@ fn expand_stage(
                     },
                 ));
             }
-            p.ok = check_params(&mut p, t, &specs, &el.subs, &set, ctx);
+            p.ok = super::params::check_params(&mut p, t, &specs, &el.subs, &set, ctx);
             p.resources = if p.ok {
                 k.resources(&Value::Object(p.params.clone()))
             } else {
@@ -513,6 +541,7 @@ fn expand_stage(
         }
         out.push(p);
     }
+    true
 }
 
 fn check_after_item(n: &Node, ctx: &mut Ctx) -> bool {
@@ -640,7 +669,7 @@ fn chain_param(
     }
 }
 
-fn is_ref_type(ty: &ParamType) -> bool {
+pub(crate) fn is_ref_type(ty: &ParamType) -> bool {
     matches!(ty, ParamType::Ref(_) | ParamType::RefOrPath)
 }
 
@@ -745,303 +774,4 @@ pub(crate) fn subst<'s>(s: &'s str, subs: &[(String, String)]) -> Cow<'s, str> {
     }
     out.push_str(rest);
     Cow::Owned(out)
-}
-
-/// Check every parameter of one expansion; fills `p.params`, `p.refs`, `p.externals`.
-/// Returns whether all were valid.
-/// `set` holds values that replace what the recipe wrote (matrix dimensions, chain links).
-fn check_params(
-    p: &mut Pending,
-    t: &Table,
-    specs: &[ParamSpec],
-    subs: &[(String, String)],
-    set: &[(&str, Node)],
-    ctx: &mut Ctx,
-) -> bool {
-    let mut ok = true;
-    let kind = p.kind_name.clone();
-    for e in t.iter() {
-        if RESERVED.contains(&e.key.as_str()) {
-            continue;
-        }
-        if set.iter().any(|(c, _)| *c == e.key) {
-            continue;
-        }
-        let Some(spec) = specs.iter().find(|s| s.name == e.key) else {
-            let names = specs.iter().map(|s| s.name).chain(RESERVED);
-            let help = did_you_mean(&e.key, names).unwrap_or_else(|| {
-                format!("`{kind}` takes {}", one_of(specs.iter().map(|s| s.name)))
-            });
-            ctx.err(
-                "unknown_param",
-                e.key_loc,
-                "unknown parameter",
-                format!("kind `{kind}` has no parameter `{}`", e.key),
-                Some(help),
-            );
-            ok = false;
-            continue;
-        };
-        let mut c = Checker {
-            ctx,
-            subs,
-            param: spec.name,
-            kind: &kind,
-            refs: &mut p.refs,
-            externals: &mut p.externals,
-        };
-        match c.check(&e.val, &spec.ty, &mut Vec::new()) {
-            Some(v) => {
-                p.params.insert(spec.name.to_string(), v);
-            }
-            None => ok = false,
-        }
-    }
-    for (param, node) in set {
-        if let Some(spec) = specs.iter().find(|s| s.name == *param) {
-            let mut c = Checker {
-                ctx,
-                subs,
-                param: spec.name,
-                kind: &kind,
-                refs: &mut p.refs,
-                externals: &mut p.externals,
-            };
-            match c.check(node, &spec.ty, &mut Vec::new()) {
-                Some(v) => {
-                    p.params.insert(spec.name.to_string(), v);
-                }
-                None => ok = false,
-            }
-        }
-    }
-    for spec in specs {
-        if p.params.contains_key(spec.name) {
-            continue;
-        }
-        match &spec.default {
-            Some(d) => {
-                p.params.insert(spec.name.to_string(), d.clone());
-            }
-            None => {
-                ctx.err(
-                    "missing_param",
-                    p.name_loc,
-                    "in this stage",
-                    format!(
-                        "stage `{}` is missing the required parameter `{}`",
-                        p.base, spec.name
-                    ),
-                    Some(format!(
-                        "add `{} = ...` ({}: {})",
-                        spec.name,
-                        describe(&spec.ty),
-                        spec.doc
-                    )),
-                );
-                ok = false;
-            }
-        }
-    }
-    // Keep the canonical object in schema order, independent of how the recipe was written.
-    let mut ordered = Map::with_capacity(p.params.len());
-    for spec in specs {
-        if let Some(v) = p.params.remove(spec.name) {
-            ordered.insert(spec.name.to_string(), v);
-        }
-    }
-    p.params = ordered;
-    ok
-}
-
-/// What a parameter type accepts, for messages.
-pub(crate) fn describe(ty: &ParamType) -> String {
-    match ty {
-        ParamType::Bool => "a boolean".to_string(),
-        ParamType::Int => "an integer".to_string(),
-        ParamType::Float => "a number".to_string(),
-        ParamType::Str => "a string".to_string(),
-        ParamType::Enum(opts) => format!("one of {}", one_of(opts.iter().copied())),
-        ParamType::Path => "a file path".to_string(),
-        ParamType::Ref(t) => format!("a reference to a `{}` output (`@stage`)", type_name(*t)),
-        ParamType::List(inner) => format!("a list of {}", plural(&describe(inner))),
-        ParamType::Table => "a table".to_string(),
-        ParamType::RefOrPath => "a reference (`@stage`) or a file path".to_string(),
-    }
-}
-
-fn plural(s: &str) -> String {
-    s.strip_prefix("a ")
-        .or_else(|| s.strip_prefix("an "))
-        .map_or_else(|| s.to_string(), |r| format!("{r}s"))
-}
-
-/// An artifact type as written in recipes and messages (`dataset`, `model`).
-pub(crate) fn type_name(t: ArtifactType) -> String {
-    serde_json::to_value(t)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
-/// Type-checks one parameter value (recursively for lists) and converts it to JSON.
-struct Checker<'a> {
-    ctx: &'a mut Ctx,
-    subs: &'a [(String, String)],
-    param: &'a str,
-    kind: &'a str,
-    refs: &'a mut Vec<PendingRef>,
-    externals: &'a mut Vec<super::External>,
-}
-
-impl Checker<'_> {
-    fn mistyped(&mut self, node: &Node, ty: &ParamType, got: &str) -> Option<Value> {
-        let msg = format!(
-            "parameter `{}` of `{}` must be {}, got {got}",
-            self.param,
-            self.kind,
-            describe(ty)
-        );
-        let help = match (ty, &node.v) {
-            (ParamType::Ref(_), _) => {
-                "a reference is a string starting with `@`, e.g. `\"@data\"` or `\"@task/{item}\"`"
-                    .to_string()
-            }
-            (ParamType::Enum(opts), V::Str(s)) => {
-                did_you_mean(&subst(s, self.subs), opts.iter().copied())
-                    .unwrap_or_else(|| format!("`{}` takes {}", self.param, describe(ty)))
-            }
-            _ => format!("`{}` takes {}", self.param, describe(ty)),
-        };
-        let help = Some(help);
-        self.ctx
-            .err("mistyped_param", node.loc, "wrong type", msg, help);
-        None
-    }
-
-    fn check(&mut self, node: &Node, ty: &ParamType, pointer: &mut Vec<usize>) -> Option<Value> {
-        match (ty, &node.v) {
-            (ParamType::Bool, V::Bool(b)) => Some(Value::Bool(*b)),
-            (ParamType::Int, V::Int(n)) => Some(Value::from(*n)),
-            (ParamType::Float, V::Int(n)) => Some(Value::from(*n as f64)),
-            (ParamType::Float, V::Float(f)) if f.is_finite() => Some(Value::from(*f)),
-            (ParamType::Float, V::Float(_)) => self.mistyped(node, ty, "a non-finite float"),
-            (ParamType::Str, V::Str(s)) => Some(Value::String(subst(s, self.subs).into_owned())),
-            (ParamType::Enum(opts), V::Str(s)) => {
-                let s = subst(s, self.subs);
-                if opts.contains(&s.as_ref()) {
-                    Some(Value::String(s.into_owned()))
-                } else {
-                    self.mistyped(node, ty, &format!("`{s}`"))
-                }
-            }
-            (ParamType::Path, V::Str(s)) => {
-                let s = subst(s, self.subs);
-                if s.starts_with('@') {
-                    return self.mistyped(node, ty, &format!("the reference `{s}`"));
-                }
-                self.externals.push(super::External {
-                    param: self.param.to_string(),
-                    path: s.as_ref().into(),
-                });
-                Some(Value::String(s.into_owned()))
-            }
-            (ParamType::Ref(want), V::Str(s)) => {
-                let s = subst(s, self.subs);
-                let Some(target) = s.strip_prefix('@') else {
-                    return self.mistyped(node, ty, &format!("`{s}`"));
-                };
-                self.refs.push(PendingRef {
-                    param: self.param.to_string(),
-                    pointer: pointer.clone(),
-                    target: target.to_string(),
-                    loc: node.loc,
-                    want: *want,
-                });
-                Some(Value::String(s.into_owned()))
-            }
-            (ParamType::RefOrPath, V::Str(s)) => {
-                let s = subst(s, self.subs);
-                if let Some(target) = s.strip_prefix('@') {
-                    self.refs.push(PendingRef {
-                        param: self.param.to_string(),
-                        pointer: pointer.clone(),
-                        target: target.to_string(),
-                        loc: node.loc,
-                        want: ArtifactType::Files,
-                    });
-                } else {
-                    self.externals.push(super::External {
-                        param: self.param.to_string(),
-                        path: s.as_ref().into(),
-                    });
-                }
-                Some(Value::String(s.into_owned()))
-            }
-            // `evals = "@eval/*"`: a gather written alone stands for the whole list.
-            (ParamType::List(inner), V::Str(s))
-                if is_ref_type(inner) && subst(s, self.subs).contains("/*") =>
-            {
-                self.check(node, inner, pointer)
-            }
-            (ParamType::List(inner), V::Array(items)) => {
-                let mut out = Vec::with_capacity(items.len());
-                let mut ok = true;
-                for (i, it) in items.iter().enumerate() {
-                    pointer.push(i);
-                    match self.check(it, inner, pointer) {
-                        Some(v) => out.push(v),
-                        None => ok = false,
-                    }
-                    pointer.pop();
-                }
-                ok.then_some(Value::Array(out))
-            }
-            (ParamType::Table, V::Table(_)) => self.to_json(node),
-            (_, v) => {
-                let got = v.type_name();
-                self.mistyped(node, ty, got)
-            }
-        }
-    }
-
-    /// Free-form JSON for `Table` parameters (strings substituted, floats finite).
-    fn to_json(&mut self, node: &Node) -> Option<Value> {
-        Some(match &node.v {
-            V::Str(s) => Value::String(subst(s, self.subs).into_owned()),
-            V::Int(n) => Value::from(*n),
-            V::Float(f) if f.is_finite() => Value::from(*f),
-            V::Bool(b) => Value::Bool(*b),
-            V::Datetime(d) => Value::String(d.clone()),
-            V::Float(_) | V::OutOfRange => {
-                let msg = format!(
-                    "parameter `{}` of `{}` contains {}, which cannot be stored",
-                    self.param,
-                    self.kind,
-                    node.v.type_name()
-                );
-                self.ctx.err(
-                    "mistyped_param",
-                    node.loc,
-                    "not representable",
-                    msg,
-                    Some("use a finite number within 64 bits".to_string()),
-                );
-                return None;
-            }
-            V::Array(items) => Value::Array(
-                items
-                    .iter()
-                    .map(|i| self.to_json(i))
-                    .collect::<Option<_>>()?,
-            ),
-            V::Table(t) => {
-                let mut m = Map::with_capacity(t.len());
-                for e in t.iter() {
-                    m.insert(e.key.clone(), self.to_json(&e.val)?);
-                }
-                Value::Object(m)
-            }
-        })
-    }
 }

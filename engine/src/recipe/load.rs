@@ -38,16 +38,14 @@ const TOP_KEYS: [&str; 3] = ["experiment", "vars", "stages"];
 /// Load `path` and everything it extends or includes. `None` if the file itself could not
 /// be read or parsed (the problems are in `ctx`).
 pub(crate) fn load_root(path: &Path, ctx: &mut Ctx) -> Option<Doc> {
-    let mut stack = Vec::new();
+    let mut stack = Stack::new();
     load_file(path.to_path_buf(), None, ctx, &mut stack)
 }
 
-fn load_file(
-    path: PathBuf,
-    from: Option<Loc>,
-    ctx: &mut Ctx,
-    stack: &mut Vec<PathBuf>,
-) -> Option<Doc> {
+/// The files being loaded: canonical path (identity) and path as displayed.
+type Stack = Vec<(PathBuf, PathBuf)>;
+
+fn load_file(path: PathBuf, from: Option<Loc>, ctx: &mut Ctx, stack: &mut Stack) -> Option<Doc> {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) => {
@@ -66,12 +64,12 @@ fn load_file(
         }
     };
     let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-    if let Some(pos) = stack.iter().position(|p| *p == canonical) {
+    if let Some(pos) = stack.iter().position(|(c, _)| *c == canonical) {
         let mut chain: Vec<String> = stack[pos..]
             .iter()
-            .map(|p| format!("`{}`", p.display()))
+            .map(|(_, p)| format!("`{}`", p.display()))
             .collect();
-        chain.push(format!("`{}`", canonical.display()));
+        chain.push(format!("`{}`", path.display()));
         if let Some(loc) = from {
             ctx.err(
                 "extends_cycle",
@@ -108,14 +106,14 @@ fn load_file(
     }
     let top = from_de_table(src, 0, table.get_ref());
 
-    stack.push(canonical);
+    stack.push((canonical, path.clone()));
     let doc = split_file(top, &path, ctx, stack);
     stack.pop();
     Some(doc)
 }
 
 /// Split a parsed file into its tables, load its parents and merge.
-fn split_file(top: Table, path: &Path, ctx: &mut Ctx, stack: &mut Vec<PathBuf>) -> Doc {
+fn split_file(top: Table, path: &Path, ctx: &mut Ctx, stack: &mut Stack) -> Doc {
     let mut own = Doc::default();
     for e in top.into_entries() {
         let slot = match e.key.as_str() {

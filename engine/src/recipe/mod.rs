@@ -31,6 +31,7 @@ mod error;
 mod expand;
 mod load;
 mod overrides;
+mod params;
 mod resolve;
 mod value;
 
@@ -137,8 +138,8 @@ pub fn load(path: &Path, overrides: &[String], registry: &Registry) -> Result<Re
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     let (experiment, seed) = expand::experiment(&doc, &stem, &mut ctx);
-    let pending = expand::expand(&doc, registry, &mut ctx);
-    let stages = resolve::resolve(pending, &mut ctx);
+    let expanded = expand::expand(&doc, registry, &mut ctx);
+    let stages = resolve::resolve(expanded, &mut ctx);
     if !ctx.diags.is_empty() {
         return Err(ctx.diags.into_error(display));
     }

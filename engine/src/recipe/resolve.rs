@@ -19,7 +19,10 @@ use std::collections::{BinaryHeap, HashMap};
 use serde_json::Value;
 
 use super::error::{Label, closest, did_you_mean, one_of};
-use super::expand::{Pending, PendingRef, type_name};
+use std::collections::HashSet;
+
+use super::expand::{Expanded, Pending, PendingRef};
+use super::params::type_name;
 use super::value::Loc;
 use super::{Ctx, Input, StageNode};
 use crate::stage::OutputSpec;
@@ -32,7 +35,11 @@ struct Edge {
 
 /// Resolve `pending` into ordered stages. Problems go to `ctx`; the result is only used when
 /// there are none.
-pub(crate) fn resolve(mut pending: Vec<Pending>, ctx: &mut Ctx) -> Vec<StageNode> {
+pub(crate) fn resolve(expanded: Expanded, ctx: &mut Ctx) -> Vec<StageNode> {
+    let Expanded {
+        mut pending,
+        broken,
+    } = expanded;
     let mut names: HashMap<String, usize> = HashMap::with_capacity(pending.len());
     let mut bases: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, p) in pending.iter().enumerate() {
@@ -63,6 +70,7 @@ pub(crate) fn resolve(mut pending: Vec<Pending>, ctx: &mut Ctx) -> Vec<StageNode
     let r = Resolver {
         names: &names,
         bases: &bases,
+        broken: &broken,
         pending: &pending,
         outputs: &outputs,
     };
@@ -164,6 +172,8 @@ pub(crate) fn resolve(mut pending: Vec<Pending>, ctx: &mut Ctx) -> Vec<StageNode
 struct Resolver<'a> {
     names: &'a HashMap<String, usize>,
     bases: &'a HashMap<String, Vec<usize>>,
+    /// Stages whose expansion failed (already reported): references to them stay silent.
+    broken: &'a HashSet<String>,
     pending: &'a [Pending],
     outputs: &'a [Option<Vec<OutputSpec>>],
 }
@@ -291,6 +301,17 @@ impl Resolver<'_> {
     }
 
     fn missing_stage(&self, loc: Loc, stem: &str, written: &str, ctx: &mut Ctx) {
+        let base = stem.split_once('/').map_or(stem, |(b, _)| b);
+        if self.broken.contains(base) {
+            return;
+        }
+        if let Some((base, _)) = stem.split_once('/')
+            && self.names.contains_key(base)
+            && !self.bases.contains_key(base)
+        {
+            ctx.err("missing_stage", loc, "no such expansion", format!("`@{written}`: stage `{base}` has no `foreach` or `matrix`, so it has no expansions"), Some(format!("write `@{base}`, or add `foreach` to `{base}`")));
+            return;
+        }
         if let Some((base, item)) = stem.split_once('/')
             && let Some(members) = self.bases.get(base)
         {
@@ -332,6 +353,12 @@ impl Resolver<'_> {
         }
         if let Some(members) = self.bases.get(name) {
             return members.clone();
+        }
+        if self
+            .broken
+            .contains(name.split_once('/').map_or(name, |(b, _)| b))
+        {
+            return Vec::new();
         }
         let candidates = self.bases.keys().map(String::as_str).chain(
             self.pending

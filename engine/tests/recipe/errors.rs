@@ -137,7 +137,7 @@ fn every_fixture_is_covered() {
                 .and_then(|s| s.to_str())
                 .expect("utf-8 name");
             assert!(
-                src.contains(&format!("check(\"{stem}\"")),
+                src.contains(&format!("\"{stem}\",")),
                 "err/{stem}.toml has no test"
             );
         }
