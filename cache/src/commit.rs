@@ -21,8 +21,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use rayon::prelude::*;
-
 use crate::digest::Key;
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -117,12 +115,17 @@ impl Cache {
             outputs: Vec::new(),
             keep: false,
         };
+        // Plain `create_dir` calls in order: `create_dir_all` probes from the leaf down,
+        // which costs failed syscalls on every call.
+        let mkdir =
+            |p: &Path| fs::create_dir(p).map_err(|e| self.io(p, "cannot create directory", e));
+        mkdir(&staging.dir)?;
+        mkdir(&staging.dir.join("out"))?;
         for name in outputs {
             let out = fsutil::safe_join(&staging.dir.join("out"), "output", name, false)?;
-            fsutil::mkdirs(&self.root, &out)?;
+            mkdir(&out)?;
             staging.outputs.push((*name).to_owned());
         }
-        fsutil::mkdirs(&self.root, &staging.dir)?;
         Ok(staging)
     }
 
@@ -162,9 +165,11 @@ impl Cache {
         }
 
         // 2. Move files into objects.
-        all.par_iter()
+        let files: Vec<&hash::Walked> = all
+            .iter()
             .filter(|w| w.entry.kind == NodeKind::File)
-            .try_for_each(|w| self.store_object(w))?;
+            .collect();
+        fsutil::try_each(&files, |w| self.store_object(w))?;
         if crash == Some(CrashPoint::AfterObjects) {
             staging.keep = true;
             return Err(simulated());

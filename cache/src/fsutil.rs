@@ -10,6 +10,25 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 
+/// Below this many items we iterate sequentially: waking rayon's workers costs tens of
+/// microseconds on an idle machine and milliseconds on a loaded one, more than a few small
+/// file operations take (measured: a tiny commit went from ~10 ms to well under 1 ms on a
+/// busy 2-core box).
+pub(crate) const PAR_MIN: usize = 16;
+
+/// `try_for_each` over `items`, in parallel only when there are at least [`PAR_MIN`].
+pub(crate) fn try_each<T: Sync, E: Send>(
+    items: &[T],
+    f: impl Fn(&T) -> std::result::Result<(), E> + Sync + Send,
+) -> std::result::Result<(), E> {
+    use rayon::prelude::*;
+    if items.len() < PAR_MIN {
+        items.iter().try_for_each(f)
+    } else {
+        items.par_iter().try_for_each(f)
+    }
+}
+
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A name unique across processes and threads: `<prefix>.<pid>.<counter>.<nanos>`.

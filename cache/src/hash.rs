@@ -259,23 +259,30 @@ pub(crate) fn hash_tree_with(dir: &Path, stat: Option<&StatCache>, follow: bool)
     ))
 }
 
-/// Fills in the digests (and exact sizes) of the files of a walk, in parallel.
+/// Fills in the digests (and exact sizes) of the files of a walk, in parallel when there
+/// are enough of them (see [`crate::fsutil::PAR_MIN`]).
 pub(crate) fn hash_walked(
     mut walked: Vec<Walked>,
     stat: Option<&StatCache>,
 ) -> Result<Vec<Walked>> {
-    walked
-        .par_iter_mut()
-        .filter(|w| w.entry.kind == NodeKind::File)
-        .try_for_each(|w| {
-            let (digest, size) = match stat {
-                Some(s) => s.file_digest(&w.abs)?,
-                None => hash_file(&w.abs)?,
-            };
-            w.entry.digest = Some(digest);
-            w.entry.size = size;
-            Ok::<(), Error>(())
-        })?;
+    let hash_one = |w: &mut Walked| {
+        let (digest, size) = match stat {
+            Some(s) => s.file_digest(&w.abs)?,
+            None => hash_file(&w.abs)?,
+        };
+        w.entry.digest = Some(digest);
+        w.entry.size = size;
+        Ok::<(), Error>(())
+    };
+    let is_file = |w: &&mut Walked| w.entry.kind == NodeKind::File;
+    if walked.len() < crate::fsutil::PAR_MIN {
+        walked.iter_mut().filter(is_file).try_for_each(hash_one)?;
+    } else {
+        walked
+            .par_iter_mut()
+            .filter(is_file)
+            .try_for_each(hash_one)?;
+    }
     Ok(walked)
 }
 

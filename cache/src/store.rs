@@ -71,6 +71,22 @@ pub struct Cache {
     verified_trees: Mutex<HashSet<Digest>>,
     /// Objects whose content this process hashed itself (committed or verified).
     pub(crate) verified_objects: Mutex<HashSet<Digest>>,
+    /// The process's shared gc flock and the number of threads using it.
+    gc_lock: Mutex<(Option<File>, usize)>,
+}
+
+/// A hold on the shared gc lock; the last one in the process releases the flock.
+pub(crate) struct GcShared<'a>(&'a Mutex<(Option<File>, usize)>);
+
+impl Drop for GcShared<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.1 -= 1;
+        if g.1 == 0 {
+            // Closing the file releases the flock.
+            g.0 = None;
+        }
+    }
 }
 
 const SUBDIRS: [&str; 7] = [
@@ -119,6 +135,7 @@ impl Cache {
             host,
             verified_trees: Mutex::new(HashSet::new()),
             verified_objects: Mutex::new(HashSet::new()),
+            gc_lock: Mutex::new((None, 0)),
         })
     }
 
@@ -173,17 +190,25 @@ impl Cache {
     }
 
     /// Takes the shared side of the gc lock: commits and tree builds hold it so that a
-    /// concurrent `gc` never deletes objects that a manifest is about to reference.
-    pub(crate) fn gc_shared(&self) -> Result<File> {
-        let p = self.v.join("gc.lock");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(|e| self.io(&p, "cannot open", e))?;
-        f.lock_shared().map_err(|e| self.io(&p, "cannot lock", e))?;
-        Ok(f)
+    /// concurrent `gc` never deletes objects that a manifest is about to reference. The
+    /// flock is taken once per process and reference-counted across threads (an `open` +
+    /// `flock` per commit is measurable on a slow filesystem); `gc` uses its own file
+    /// description, so it conflicts with this one even inside the same process.
+    pub(crate) fn gc_shared(&self) -> Result<GcShared<'_>> {
+        let mut g = self.gc_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if g.1 == 0 {
+            let p = self.v.join("gc.lock");
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&p)
+                .map_err(|e| self.io(&p, "cannot open", e))?;
+            f.lock_shared().map_err(|e| self.io(&p, "cannot lock", e))?;
+            g.0 = Some(f);
+        }
+        g.1 += 1;
+        Ok(GcShared(&self.gc_lock))
     }
 
     /// Looks up a committed entry: `Some` only if its manifest parses and every object
@@ -394,36 +419,34 @@ impl Cache {
     }
 
     fn verify_tree(&self, dir: &Path, tree: &Tree, sizes_only: bool) -> Result<()> {
-        tree.files()
-            .collect::<Vec<_>>()
-            .par_iter()
-            .try_for_each(|e| {
-                let want = e.digest.unwrap_or(Digest([0; 32]));
-                let p = dir.join(&e.path);
-                if sizes_only {
-                    match fs::metadata(&p) {
-                        Ok(m) if m.len() == e.size => Ok(()),
-                        _ => Err(Error::Corrupt {
-                            path: p,
-                            detail: "missing or wrong size".into(),
-                        }),
-                    }
-                } else {
-                    // The tree file is a hardlink to (or copy of) the object: a corrupt one means
-                    // the object is bad too, so it is removed along with the tree.
-                    self.verify_file(&p, &want, e.size, &self.object_path(&want))
-                        .map_err(|err| match err {
-                            Error::Corrupt { detail, .. } => {
-                                let _ = fs::remove_file(self.object_path(&want));
-                                Error::Corrupt {
-                                    path: p.clone(),
-                                    detail,
-                                }
-                            }
-                            other => other,
-                        })
+        let files: Vec<_> = tree.files().collect();
+        fsutil::try_each(&files, |e| {
+            let want = e.digest.unwrap_or(Digest([0; 32]));
+            let p = dir.join(&e.path);
+            if sizes_only {
+                match fs::metadata(&p) {
+                    Ok(m) if m.len() == e.size => Ok(()),
+                    _ => Err(Error::Corrupt {
+                        path: p,
+                        detail: "missing or wrong size".into(),
+                    }),
                 }
-            })
+            } else {
+                // The tree file is a hardlink to (or copy of) the object: a corrupt one means
+                // the object is bad too, so it is removed along with the tree.
+                self.verify_file(&p, &want, e.size, &self.object_path(&want))
+                    .map_err(|err| match err {
+                        Error::Corrupt { detail, .. } => {
+                            let _ = fs::remove_file(self.object_path(&want));
+                            Error::Corrupt {
+                                path: p.clone(),
+                                detail,
+                            }
+                        }
+                        other => other,
+                    })
+            }
+        })
     }
 
     fn build_tree(&self, dest: &Path, tree: &Tree) -> Result<()> {
@@ -458,7 +481,7 @@ impl Cache {
         for e in tree.entries.iter().filter(|e| e.kind == NodeKind::Dir) {
             fsutil::mkdirs(&self.root, &tmp.join(&e.path))?;
         }
-        tree.entries.par_iter().try_for_each(|e| -> Result<()> {
+        fsutil::try_each(&tree.entries, |e| -> Result<()> {
             let dst = tmp.join(&e.path);
             match e.kind {
                 NodeKind::Dir => Ok(()),
