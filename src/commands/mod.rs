@@ -63,13 +63,22 @@ pub fn dispatch(cli: Cli) -> CmdResult {
         Command::Exec(args) => exec::exec(g, &args),
         Command::Kinds => kinds::kinds(g),
         Command::Gc(args) => gc::gc(g, &args),
+        #[cfg(feature = "ml")]
+        Command::Model(args) => crate::model_cmd::run(args).map(|()| 0).map_err(|e| Failure {
+            code: exit::STAGE_FAILED,
+            report: miette::miette!("{e:#}"),
+        }),
     }
 }
 
 /// Every kind this build knows: the engine's own (`shell`) and, with the `ml` feature, the
 /// stage kinds of the `stages` crate once it exports them.
 pub fn registry() -> Registry {
-    engine::builtin_registry()
+    #[allow(unused_mut)]
+    let mut registry = engine::builtin_registry();
+    #[cfg(feature = "ml")]
+    stages::register_all(&mut registry);
+    registry
 }
 
 pub fn load(path: &Path, sets: &[String], registry: &Registry) -> Result<Recipe, Failure> {

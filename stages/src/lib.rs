@@ -4,3 +4,6 @@ pub mod model;
 
 pub mod ops;
 pub mod train;
+pub mod kinds;
+
+pub use kinds::register_all;

@@ -1,0 +1,11 @@
+//! The ML stage kinds, registered into the engine's [`engine::stage::Registry`].
+//!
+//! Each kind lives in its own module and implements [`engine::stage::StageKind`]; this module
+//! only lists them, so that adding a kind is one line here plus its module.
+
+use engine::stage::Registry;
+
+/// Register every ML stage kind.
+pub fn register_all(registry: &mut Registry) {
+    let _ = registry;
+}
