@@ -116,6 +116,22 @@ pub(crate) fn resolve(expanded: Expanded, ctx: &mut Ctx) -> Vec<StageNode> {
                 });
             }
         }
+        if ins.len() > 1 {
+            // Inputs follow the schema's parameter order (the canonical params are in that
+            // order; chained and swept values were checked after the recipe's own keys).
+            let rank: HashMap<&str, usize> = p
+                .params
+                .keys()
+                .enumerate()
+                .map(|(i, k)| (k.as_str(), i))
+                .collect();
+            ins.sort_by_key(|i| {
+                (
+                    rank.get(i.param.as_str()).copied().unwrap_or(usize::MAX),
+                    i.position,
+                )
+            });
+        }
         preds.push(edges);
         inputs.push(ins);
         afters.push(after);

@@ -266,3 +266,78 @@ fn loading_is_deterministic() {
     let b = dump(&load("ok/coin_chain.toml", &[]).expect("loads"));
     assert_eq!(a, b);
 }
+
+/// Load recipe text from a temporary directory (for small cases not worth a fixture).
+fn load_text(text: &str, sets: &[&str]) -> Result<Recipe, engine::recipe::RecipeError> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("r.toml");
+    std::fs::write(&path, text).expect("write");
+    let sets: Vec<String> = sets.iter().map(|s| (*s).to_string()).collect();
+    engine::recipe::load(&path, &sets, &super::kinds::registry())
+}
+
+#[test]
+fn chain_true_sets_prev_and_experiment_defaults() {
+    let text = r#"
+[stages.coin]
+kind = "data.synth"
+[stages.base]
+kind = "train.pretrain"
+data = "@coin"
+[stages.task]
+kind = "train.lora"
+foreach = [1, 2, 3]
+chain = true
+base = "@base"
+data = "@coin"
+steps = "{index}"
+"#;
+    // `steps = "{index}"` is a string, not an integer, even after substitution.
+    let err = load_text(text, &[]).expect_err("steps is a string");
+    assert_eq!(err.codes(), vec!["pipeline::recipe::mistyped_param"]);
+
+    let r = load_text(&text.replace("steps = \"{index}\"\n", ""), &[])
+        .unwrap_or_else(|e| panic!("{}", super::render(&e)));
+    assert_eq!(r.experiment, "r", "the name defaults to the file stem");
+    assert_eq!(r.seed, 0);
+    let names: Vec<&str> = r.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, vec!["coin", "base", "task/1", "task/2", "task/3"]);
+    assert_eq!(r.stages[2].params["prev"], json!(null));
+    assert_eq!(r.stages[3].params["prev"], json!("@task/1"));
+    assert_eq!(r.stages[4].params["prev"], json!("@task/2"));
+    assert_eq!(
+        r.stages[4].params["base"],
+        json!("@base"),
+        "chain = true leaves `base` alone"
+    );
+    let params: Vec<&str> = r.stages[4]
+        .inputs
+        .iter()
+        .map(|i| i.param.as_str())
+        .collect();
+    assert_eq!(
+        params,
+        vec!["base", "data", "prev"],
+        "inputs in schema order"
+    );
+}
+
+#[test]
+fn declaration_order_breaks_ties_and_dependencies_come_first() {
+    let text = r#"
+[stages.late]
+kind = "data.rewrite"
+data = "@early"
+[stages.other]
+kind = "data.synth"
+[stages.early]
+kind = "data.synth"
+"#;
+    let r = load_text(text, &[]).unwrap_or_else(|e| panic!("{}", super::render(&e)));
+    let names: Vec<&str> = r.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, vec!["other", "early", "late"]);
+    assert_eq!(
+        r.stages[2].inputs[0].stage, 1,
+        "indices are remapped to the sorted order"
+    );
+}
