@@ -425,4 +425,99 @@ mod tests {
         let err = LlavaTokenizer::load(&path).unwrap_err().to_string();
         assert!(err.contains("tok.json") && err.contains("<pad>"), "{err}");
     }
+
+    fn fixture() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llava-tiny")
+    }
+
+    #[test]
+    fn fixture_tokenizer_loads_with_documented_ids() {
+        let tok = LlavaTokenizer::load(&fixture()).unwrap();
+        assert_eq!(tok.vocab_size(), 1024);
+        assert_eq!(
+            (tok.unk_id, tok.bos_id, tok.eos_id, tok.image_id, tok.pad_id),
+            (0, 1, 2, 1022, 1023)
+        );
+        let ids = tok
+            .encode("USER: <image>\nWhat color is the square? ASSISTANT:", true)
+            .unwrap();
+        assert_eq!(ids, [1, 126, 98, 1022, 3, 141, 243, 104, 102, 622, 127]);
+        assert_eq!(
+            tok.encode("USER:", false).unwrap(),
+            [126],
+            "no BOS without the post-processor"
+        );
+        let answer = tok.encode(" The square is red.", false).unwrap();
+        assert_eq!(tok.tokens(&answer), ["▁The", "▁square", "▁is", "▁red."]);
+        assert_eq!(tok.decode(&answer, false).unwrap(), "The square is red.");
+    }
+
+    #[test]
+    fn vocabulary_is_checked_against_the_model() {
+        let tok = LlavaTokenizer::load(&fixture().join("tokenizer.json")).unwrap();
+        let model = fixture().join("model.safetensors");
+        tok.check_model_vocab(&model, 1024, 1022).unwrap();
+        tok.check_model_vocab(&model, 1088, 1022).unwrap(); // padded embeddings are fine
+        let err = tok
+            .check_model_vocab(&model, 1000, 1022)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tokenizer.json")
+                && err.contains("model.safetensors")
+                && err.contains("1024")
+                && err.contains("1000"),
+            "{err}"
+        );
+        let err = tok
+            .check_model_vocab(&model, 1024, 32000)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("1022") && err.contains("32000"), "{err}");
+    }
+
+    #[test]
+    fn trained_tokenizer_json_has_the_fixture_pipeline() {
+        let cfg = BpeTrainingConfig {
+            vocab_size: 120,
+            min_frequency: 1,
+        };
+        let tok = LlavaTokenizer::train_bpe(corpus().into_iter(), &cfg).unwrap();
+        let ours: serde_json::Value =
+            serde_json::from_str(&tok.inner().to_string(false).unwrap()).unwrap();
+        let text = std::fs::read_to_string(fixture().join("tokenizer.json")).unwrap();
+        let theirs: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for key in ["normalizer", "pre_tokenizer", "decoder"] {
+            assert_eq!(ours[key], theirs[key], "{key}");
+        }
+        assert_eq!(
+            ours["post_processor"]["single"],
+            theirs["post_processor"]["single"]
+        );
+        for key in ["type", "unk_token", "fuse_unk", "byte_fallback", "dropout"] {
+            assert_eq!(ours["model"][key], theirs["model"][key], "model.{key}");
+        }
+        let specials = |v: &serde_json::Value| -> Vec<String> {
+            v["added_tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["content"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(specials(&ours), specials(&theirs));
+    }
+
+    #[test]
+    fn unreadable_tokenizer_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, "{ not json").unwrap();
+        let err = LlavaTokenizer::load(&path).unwrap_err().to_string();
+        assert!(err.contains("tokenizer.json"), "{err}");
+        let err = LlavaTokenizer::load(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
 }
