@@ -18,7 +18,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::fused::{slice, tensor, with_f32};
+use super::fused::{grad_for, slice, tensor, with_f32};
 
 /// An additive mask broadcast to `[b, mh, s, t]`, `mh` ∈ {1, hq}.
 pub(crate) struct Mask {
@@ -247,9 +247,9 @@ impl CustomOp3 for Attention {
             })
         })????;
         Ok((
-            Some(tensor(dq, q.shape())?),
-            Some(tensor(dk, k.shape())?),
-            Some(tensor(dv, v.shape())?),
+            grad_for(q, || tensor(dq, q.shape()))?,
+            grad_for(k, || tensor(dk, k.shape()))?,
+            grad_for(v, || tensor(dv, v.shape()))?,
         ))
     }
 }

@@ -14,7 +14,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp3, D, Device, Layout, Result, Shape, Storage, Tensor, bail,
 };
 
-use super::fused::slice;
+use super::fused::{grad_for, slice};
 
 fn cpu_tensor(s: &CpuStorage, l: &Layout, op: &str) -> Result<Tensor> {
     Tensor::from_slice(slice(s, l, op)?, l.shape().clone(), &Device::Cpu)
@@ -47,9 +47,21 @@ fn out_shape(x: &[usize], out: usize) -> Vec<usize> {
     s
 }
 
+/// Rows up to which [`linear2d`] computes `(W xᵀ)ᵀ` instead of `x Wᵀ`.
+const SMALL_M: usize = 64;
+
 /// `x Wᵀ + b` for 2-D `x`, with `W`, `b` plain tensors.
+///
+/// For few rows (decoding: one per sequence) the gemm crate is ~2.5x faster on
+/// `W · xᵀ` (contiguous `W` as the left operand) than on `x · Wᵀ` with a transposed-view
+/// right operand, which it repacks on every call (measured: 16×256 by 688×256, 0.29 vs
+/// 0.85 ms). The transposed result is made contiguous; that copy is `M × out`, tiny.
 pub(crate) fn linear2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.matmul(&w.t()?)?;
+    let y = if x.dim(0)? <= SMALL_M {
+        w.matmul(&x.t()?)?.t()?.contiguous()?
+    } else {
+        x.matmul(&w.t()?)?
+    };
     match b {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
@@ -104,7 +116,7 @@ impl CustomOp3 for LoraLinear {
             cpu_tensor(s3, l3, "lora_linear")?,
         );
         // Scale the rank-r intermediate, not the [N, out] output: r ≪ out.
-        let low = (x.matmul(&a.t()?)? * self.scale)?.matmul(&bm.t()?)?;
+        let low = linear2d(&(linear2d(&x, &a, None)? * self.scale)?, &bm, None)?;
         let y = (linear2d(&x, &self.w, self.b.as_ref())? + low)?;
         let (st, _) = into_cpu(y, "lora_linear")?;
         Ok((st, Shape::from(out_shape(l1.dims(), self.w.dim(0)?))))
@@ -120,10 +132,15 @@ impl CustomOp3 for LoraLinear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x2, g2) = (rows(x)?, rows(g)?);
         let gb = (g2.matmul(bm)? * self.scale)?; // [N, r]
-        let dx = (g2.matmul(&self.w)? + gb.matmul(a)?)?.reshape(x.shape())?;
-        let da = gb.t()?.matmul(&x2)?; // [r, in]
-        let xa = (x2.matmul(&a.t()?)? * self.scale)?; // [N, r]
-        let db = g2.t()?.matmul(&xa)?; // [out, r]
-        Ok((Some(dx), Some(da), Some(db)))
+        // The layer input is a constant for the first layers of a LoRA model: skip its GEMM.
+        let dx = grad_for(x, || {
+            (g2.matmul(&self.w)? + gb.matmul(a)?)?.reshape(x.shape())
+        })?;
+        let da = grad_for(a, || gb.t()?.matmul(&x2))?; // [r, in]
+        let db = grad_for(bm, || {
+            let xa = (x2.matmul(&a.t()?)? * self.scale)?; // [N, r]
+            g2.t()?.matmul(&xa) // [out, r]
+        })?;
+        Ok((dx, da, db))
     }
 }

@@ -8,11 +8,12 @@
 //! dtype and device, and fall back to [`reference`], the composed-primitive versions,
 //! everywhere else. Signatures never change between the two, so model code is oblivious.
 //!
-//! Fused kernels (CPU, f32): [`rms_norm`], [`layer_norm`], [`softmax_last_dim`], [`rope`]
+//! Fused kernels (CPU, f32): [`rms_norm`], [`layer_norm`], [`softmax_last_dim`],
+//! [`log_softmax_last_dim`], [`silu`], [`rope`]
 //! (module `fused`),
 //! [`attention`] (module `attention`: flash-style, GQA, additive mask), and [`linear`] /
 //! [`lora_linear`] with a frozen base weight (module `lora`: skips the weight-gradient GEMM
-//! candle would otherwise compute and discard). The activations use candle's elementwise
+//! candle would otherwise compute and discard). GELU variants use candle's elementwise
 //! ops, which already have a backward.
 //!
 //! The CPU kernels are also the reference semantics for future CUDA kernels; on any other
@@ -117,7 +118,19 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 /// SiLU.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
+    if eligible(&[x]) {
+        return x.contiguous()?.apply_op1(fused::Silu);
+    }
     reference::silu(x)
+}
+
+/// Log-softmax over the last dim (computed in f32, cast back). Added for losses and
+/// log-probabilities: one pass forward and backward instead of candle's composed chain.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if eligible(&[x]) {
+        return x.contiguous()?.apply_op1(fused::LogSoftmax);
+    }
+    reference::log_softmax_last_dim(x)
 }
 
 /// `x Wᵀ (+ b)`.

@@ -51,6 +51,15 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// Log-softmax over the last dim, computed in f32.
+pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    in_f32(x, |x| {
+        let m = x.max_keepdim(D::Minus1)?.detach();
+        let z = x.broadcast_sub(&m)?;
+        z.broadcast_sub(&z.exp()?.sum_keepdim(D::Minus1)?.log()?)
+    })
+}
+
 /// HF `rotate_half`: `cat(-x[..., d/2:], x[..., :d/2])`.
 pub fn rotate_half(x: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
@@ -117,7 +126,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 /// SiLU, `x σ(x)`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
-    x.silu()
+    x.mul(&candle_nn::ops::sigmoid(x)?)
 }
 
 /// `x Wᵀ (+ b)` for `x: [.., in]`, `w: [out, in]`.

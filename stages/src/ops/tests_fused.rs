@@ -93,6 +93,23 @@ fn fused_layer_norm_matches_reference() {
 }
 
 #[test]
+fn fused_silu_and_log_softmax_match_reference() {
+    let x = (randn(&[3, 4, 40], 34) * 5.0).unwrap();
+    check(
+        "silu",
+        &[x.clone()],
+        |t| silu(&t[0]).unwrap(),
+        |t| reference::silu(&t[0]).unwrap(),
+    );
+    check(
+        "log_softmax",
+        &[x],
+        |t| log_softmax_last_dim(&t[0]).unwrap(),
+        |t| reference::log_softmax_last_dim(&t[0]).unwrap(),
+    );
+}
+
+#[test]
 fn fused_softmax_matches_reference() {
     let x = (randn(&[4, 5, 33], 3) * 6.0).unwrap();
     check(
