@@ -370,7 +370,7 @@ impl LlavaConfig {
                 return Err(err(field, "must be positive".into()));
             }
         }
-        if v.hidden_size % v.num_attention_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(err(
                 "vision_config.num_attention_heads",
                 format!(
@@ -379,7 +379,7 @@ impl LlavaConfig {
                 ),
             ));
         }
-        if v.image_size % v.patch_size != 0 {
+        if !v.image_size.is_multiple_of(v.patch_size) {
             return Err(err(
                 "vision_config.patch_size",
                 format!(
@@ -388,7 +388,7 @@ impl LlavaConfig {
                 ),
             ));
         }
-        if t.num_attention_heads % t.num_key_value_heads != 0 {
+        if !t.num_attention_heads.is_multiple_of(t.num_key_value_heads) {
             return Err(err(
                 "text_config.num_key_value_heads",
                 format!(
@@ -397,7 +397,7 @@ impl LlavaConfig {
                 ),
             ));
         }
-        if t.head_dim % 2 != 0 {
+        if !t.head_dim.is_multiple_of(2) {
             return Err(err(
                 "text_config.head_dim",
                 format!("{} is odd; RoPE needs an even head dim", t.head_dim),
