@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::fs::{self, Metadata};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -71,7 +71,8 @@ impl Stamp {
 #[derive(Debug)]
 pub struct StatCache {
     file: Option<PathBuf>,
-    map: Mutex<HashMap<(u64, u64), (Rec, bool)>>,
+    /// Records and whether this process used them (read-locked on the hot path).
+    map: RwLock<HashMap<(u64, u64), (Rec, AtomicBool)>>,
     dirty: AtomicBool,
     paranoid: bool,
     racy_window_ns: i64,
@@ -91,7 +92,7 @@ impl StatCache {
     pub fn in_memory() -> StatCache {
         StatCache {
             file: None,
-            map: Mutex::new(HashMap::new()),
+            map: RwLock::new(HashMap::new()),
             dirty: AtomicBool::new(false),
             paranoid: false,
             racy_window_ns: 2_000_000_000,
@@ -107,7 +108,12 @@ impl StatCache {
         let mut c = StatCache::in_memory();
         c.file = Some(file.to_path_buf());
         let loaded = read_records(file);
-        c.map = Mutex::new(loaded.into_iter().map(|(k, r)| (k, (r, false))).collect());
+        c.map = RwLock::new(
+            loaded
+                .into_iter()
+                .map(|(k, r)| (k, (r, AtomicBool::new(false))))
+                .collect(),
+        );
         c
     }
 
@@ -140,10 +146,11 @@ impl StatCache {
             return None;
         }
         let s = Stamp::of(meta);
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let (rec, used) = map.get_mut(&(s.dev, s.ino))?;
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let (rec, used) = map.get(&(s.dev, s.ino))?;
         if rec.size == s.size && rec.mtime_ns == s.mtime_ns && rec.ctime_ns == s.ctime_ns {
-            *used = true;
+            used.store(true, Ordering::Relaxed);
+            self.hits.fetch_add(1, Ordering::Relaxed);
             Some(rec.digest)
         } else {
             None
@@ -163,8 +170,8 @@ impl StatCache {
             ctime_ns: s.ctime_ns,
             digest,
         };
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert((s.dev, s.ino), (rec, true));
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        map.insert((s.dev, s.ino), (rec, AtomicBool::new(true)));
         self.dirty.store(true, Ordering::Relaxed);
     }
 
@@ -182,7 +189,6 @@ impl StatCache {
         };
         let mut before = stat(path)?;
         if let Some(d) = self.get(&before) {
-            self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok((d, before.size()));
         }
         // A file being written while we hash it is retried a few times, then reported:
@@ -244,8 +250,10 @@ impl StatCache {
             return Ok(());
         }
         let ours: Vec<((u64, u64), (Rec, bool))> = {
-            let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-            map.iter().map(|(k, v)| (*k, *v)).collect()
+            let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+            map.iter()
+                .map(|(k, (r, used))| (*k, (*r, used.load(Ordering::Relaxed))))
+                .collect()
         };
         let mut merged: HashMap<(u64, u64), (Rec, bool)> = read_records(file)
             .into_iter()

@@ -1,5 +1,8 @@
 //! Integration tests of the store, one binary with a module per topic.
 
+// Tests print the reason when they skip an environment-dependent check.
+#![allow(clippy::print_stderr)]
+
 mod common;
 mod corruption;
 mod gc;
