@@ -54,6 +54,9 @@ pub enum Command {
     Kinds,
     /// Remove cache entries the given recipes no longer reference.
     Gc(GcArgs),
+    /// Run or benchmark the LLaVA model directly (parity checks, benchmarks).
+    #[cfg(feature = "ml")]
+    Model(crate::model_cmd::ModelArgs),
 }
 
 /// A recipe and its overrides.

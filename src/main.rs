@@ -4,6 +4,8 @@
 
 mod cli;
 mod commands;
+#[cfg(feature = "ml")]
+mod model_cmd;
 mod reporters;
 
 use std::process::ExitCode;

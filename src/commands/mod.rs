@@ -64,10 +64,12 @@ pub fn dispatch(cli: Cli) -> CmdResult {
         Command::Kinds => kinds::kinds(g),
         Command::Gc(args) => gc::gc(g, &args),
         #[cfg(feature = "ml")]
-        Command::Model(args) => crate::model_cmd::run(args).map(|()| 0).map_err(|e| Failure {
-            code: exit::STAGE_FAILED,
-            report: miette::miette!("{e:#}"),
-        }),
+        Command::Model(args) => crate::model_cmd::run(args)
+            .map(|()| 0)
+            .map_err(|e| Failure {
+                code: exit::STAGE_FAILED,
+                report: miette::miette!("{e:#}"),
+            }),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The local executor: the scheduler loop (see the module docs of [`super`]).
 
 use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use cache::{Cache, Entry, Key, Lookup, MissReason};
 
 use super::keys;
-use super::stage_run::{self, Job, Outcome};
+use super::stage_run::{self, FinishError, Job, Outcome};
 use super::{ExecError, RunOptions, RunSummary};
 use crate::events::{Event, Reporter};
 use crate::key::{self, KeyManifest, RerunReason};
@@ -379,10 +380,20 @@ impl Scheduler<'_> {
                 Ok(Lookup::Hit(entry)) => {
                     let entry = Arc::new(*entry);
                     match stage_run::finish(env, node, kind.as_ref(), &entry) {
-                        Ok(()) => self.hit(i, entry),
-                        Err(e) => self.fail(i, Some(key), e.to_string(), Duration::ZERO),
+                        Ok(()) => {
+                            self.hit(i, entry);
+                            return;
+                        }
+                        // The cache dropped the bad entry: recompute it like any miss.
+                        Err(FinishError::Corrupt(detail)) => Some(MissReason::Corrupt {
+                            path: PathBuf::new(),
+                            detail,
+                        }),
+                        Err(FinishError::Other(e)) => {
+                            self.fail(i, Some(key), e.to_string(), Duration::ZERO);
+                            return;
+                        }
                     }
-                    return;
                 }
                 Ok(Lookup::Miss(reason)) => Some(reason),
                 Err(e) => {

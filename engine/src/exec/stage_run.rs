@@ -80,7 +80,7 @@ fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, 
     {
         LockOutcome::Hit(entry) => {
             let entry = Arc::new(*entry);
-            finish(env, node, job.kind.as_ref(), &entry)?;
+            finish(env, node, job.kind.as_ref(), &entry).map_err(FinishError::into_stage_error)?;
             return Ok(Outcome::Hit(entry));
         }
         LockOutcome::Acquired(guard) => guard,
@@ -142,18 +142,41 @@ fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, 
             .commit(staging, meta)
             .map_err(|e| cache_err("cannot commit the outputs", e))?,
     );
-    finish(env, node, job.kind.as_ref(), &entry)?;
+    finish(env, node, job.kind.as_ref(), &entry).map_err(FinishError::into_stage_error)?;
     Ok(Outcome::Ran(entry))
 }
 
 /// After a hit or a commit: point the ref at the key, link `runs/`, and let the kind restore
 /// files it keeps outside the cache.
+/// Why [`finish`] failed.
+pub(super) enum FinishError {
+    /// An output failed verification; the cache removed the entry, so it is now a miss.
+    Corrupt(String),
+    /// Anything else.
+    Other(StageError),
+}
+
+impl From<StageError> for FinishError {
+    fn from(e: StageError) -> Self {
+        Self::Other(e)
+    }
+}
+
+impl FinishError {
+    fn into_stage_error(self) -> StageError {
+        match self {
+            Self::Corrupt(msg) => StageError::Other(msg),
+            Self::Other(e) => e,
+        }
+    }
+}
+
 pub(super) fn finish(
     env: &Env<'_>,
     node: &StageNode,
     kind: &dyn StageKind,
     entry: &Entry,
-) -> Result<(), StageError> {
+) -> Result<(), FinishError> {
     let exp = &env.recipe.experiment;
     // Refs only feed explanations; skip the write when it is already right (no-op reruns).
     if env.cache.get_ref(exp, &node.name).ok().flatten() != Some(entry.key) {
@@ -163,16 +186,20 @@ pub(super) fn finish(
     }
     let mut outputs = BTreeMap::new();
     for name in entry.outputs() {
-        let dir = env
-            .cache
-            .materialize(entry, name)
-            .map_err(|e| cache_err(&format!("cannot read output `{name}`"), e))?;
+        let dir = env.cache.materialize(entry, name).map_err(|e| {
+            if e.is_corrupt() {
+                FinishError::Corrupt(e.to_string())
+            } else {
+                FinishError::Other(cache_err(&format!("cannot read output `{name}`"), e))
+            }
+        })?;
         if let Some(runs) = env.runs_dir {
             link_if_changed(env.cache, runs, exp, &node.name, name, &dir)?;
         }
         outputs.insert(name.to_owned(), dir);
     }
-    kind.restore(&env.recipe.dir, &node.params, &outputs)
+    kind.restore(&env.recipe.dir, &node.params, &outputs)?;
+    Ok(())
 }
 
 fn link_if_changed(
