@@ -131,7 +131,6 @@ fn stage_name(i: usize) -> String {
 
 /// Generate the dependency structure of `n` stages of `shape`.
 pub(crate) fn shape(shape: Shape, n: usize) -> Vec<Node> {
-    assert!(n >= 3);
     let mut nodes: Vec<Node> = (0..n)
         .map(|i| Node {
             name: stage_name(i),
@@ -145,6 +144,7 @@ pub(crate) fn shape(shape: Shape, n: usize) -> Vec<Node> {
             }
         }
         Shape::Fan => {
+            assert!(n >= 3, "a fan needs a root, a child and a join");
             for node in nodes.iter_mut().take(n - 1).skip(1) {
                 node.deps.push(stage_name(0));
             }
