@@ -775,3 +775,25 @@ pub(crate) fn subst<'s>(s: &'s str, subs: &[(String, String)]) -> Cow<'s, str> {
     out.push_str(rest);
     Cow::Owned(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::subst;
+
+    fn subs() -> Vec<(String, String)> {
+        vec![("item".into(), "GQA".into()), ("index".into(), "2".into())]
+    }
+
+    #[test]
+    fn substitutes_known_names_only() {
+        assert_eq!(subst("@asd/{item}", &subs()), "@asd/GQA");
+        assert_eq!(subst("{index}-{item}-{index}", &subs()), "2-GQA-2");
+        assert_eq!(
+            subst("awk '{print $1}' {item}", &subs()),
+            "awk '{print $1}' GQA"
+        );
+        assert_eq!(subst("unclosed {item", &subs()), "unclosed {item");
+        assert_eq!(subst("{}{{item}}", &subs()), "{}{GQA}");
+        assert_eq!(subst("no braces", &[]), "no braces");
+    }
+}

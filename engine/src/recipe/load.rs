@@ -310,3 +310,27 @@ pub(crate) fn normalize(path: &Path) -> PathBuf {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::normalize;
+
+    #[test]
+    fn normalizes_lexically() {
+        assert_eq!(
+            normalize(Path::new("a/./b/../c.toml")),
+            Path::new("a/c.toml")
+        );
+        assert_eq!(
+            normalize(Path::new("a/parts/../../x.toml")),
+            Path::new("x.toml")
+        );
+        assert_eq!(normalize(Path::new("../up.toml")), Path::new("../up.toml"));
+        assert_eq!(
+            normalize(Path::new("/r/a/../b.toml")),
+            Path::new("/r/b.toml")
+        );
+    }
+}

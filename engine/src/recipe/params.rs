@@ -279,7 +279,7 @@ impl Checker<'_> {
                 }
                 ok.then_some(Value::Array(out))
             }
-            (ParamType::Table, V::Table(_)) => self.to_json(node),
+            (ParamType::Table, V::Table(_)) => self.table_json(node),
             (_, v) => {
                 let got = v.type_name();
                 self.mistyped(node, ty, got, pointer)
@@ -288,7 +288,7 @@ impl Checker<'_> {
     }
 
     /// Free-form JSON for `Table` parameters (strings substituted, floats finite).
-    fn to_json(&mut self, node: &Node) -> Option<Value> {
+    fn table_json(&mut self, node: &Node) -> Option<Value> {
         Some(match &node.v {
             V::Str(s) => Value::String(subst(s, self.subs).into_owned()),
             V::Int(n) => Value::from(*n),
@@ -314,13 +314,13 @@ impl Checker<'_> {
             V::Array(items) => Value::Array(
                 items
                     .iter()
-                    .map(|i| self.to_json(i))
+                    .map(|i| self.table_json(i))
                     .collect::<Option<_>>()?,
             ),
             V::Table(t) => {
                 let mut m = Map::with_capacity(t.len());
                 for e in t.iter() {
-                    m.insert(e.key.clone(), self.to_json(&e.val)?);
+                    m.insert(e.key.clone(), self.table_json(&e.val)?);
                 }
                 Value::Object(m)
             }

@@ -27,6 +27,9 @@ use super::value::Loc;
 use super::{Ctx, Input, StageNode};
 use crate::stage::OutputSpec;
 
+/// A stage with its resolved inputs, `after` indices and outputs, waiting to be placed.
+type Slot = (Pending, Vec<Input>, Vec<usize>, Option<Vec<OutputSpec>>);
+
 /// Why one stage must run after another (for cycle reports).
 struct Edge {
     from: usize,
@@ -148,14 +151,13 @@ pub(crate) fn resolve(expanded: Expanded, ctx: &mut Ctx) -> Vec<StageNode> {
     for (new, &old) in order.iter().enumerate() {
         pos[old] = new;
     }
-    let mut slots: Vec<Option<(Pending, Vec<Input>, Vec<usize>, Option<Vec<OutputSpec>>)>> =
-        pending
-            .into_iter()
-            .zip(inputs)
-            .zip(afters)
-            .zip(outputs)
-            .map(|(((p, i), a), o)| Some((p, i, a, o)))
-            .collect();
+    let mut slots: Vec<Option<Slot>> = pending
+        .into_iter()
+        .zip(inputs)
+        .zip(afters)
+        .zip(outputs)
+        .map(|(((p, i), a), o)| Some((p, i, a, o)))
+        .collect();
     let mut out = Vec::with_capacity(slots.len());
     for &old in &order {
         let Some((p, mut ins, mut after, outs)) = slots[old].take() else {
@@ -353,7 +355,7 @@ impl Resolver<'_> {
             .iter()
             .filter(|p| !p.expanded)
             .map(|p| p.name.as_str());
-        let help = did_you_mean(stem, bases.chain(plain)).map_or_else(|| "references name a stage of this recipe: `@stage`, `@stage/item`, `@stage.output`, `@stage/*`".to_string(), |h| h);
+        let help = did_you_mean(stem, bases.chain(plain)).unwrap_or_else(|| "references name a stage of this recipe: `@stage`, `@stage/item`, `@stage.output`, `@stage/*`".to_string());
         ctx.err(
             "missing_stage",
             loc,
