@@ -291,9 +291,13 @@ impl LlavaConfig {
                 .usize_or("text_config.max_position_embeddings", Some(2048))?,
             attention_bias: f.bool_or("text_config.attention_bias", Some(false))?,
             mlp_bias: f.bool_or("text_config.mlp_bias", Some(false))?,
-            bos_token_id: f.opt_u32("text_config.bos_token_id")?,
-            eos_token_id: f.opt_u32("text_config.eos_token_id")?,
-            pad_token_id: f.opt_u32("text_config.pad_token_id")?,
+            // LlamaConfig's defaults apply only when the key is absent (null means "none").
+            bos_token_id: f.opt_u32_or("text_config.bos_token_id", 1)?,
+            eos_token_id: f.opt_u32_or("text_config.eos_token_id", 2)?,
+            // transformers 4.x hub configs (llava-hf) put it at the top level.
+            pad_token_id: f
+                .opt_u32("text_config.pad_token_id")?
+                .or(f.opt_u32("pad_token_id")?),
         };
         let strategy = match f
             .str_or("vision_feature_select_strategy", Some("default"))?
@@ -532,6 +536,15 @@ impl Fields<'_> {
         }
     }
 
+    /// Like `opt_u32`, with `default` when the key is absent (not when it is null).
+    fn opt_u32_or(&self, dotted: &str, default: u32) -> Result<Option<u32>> {
+        if self.get(dotted).is_none() {
+            Ok(Some(default))
+        } else {
+            self.opt_u32(dotted)
+        }
+    }
+
     /// An optional token id. transformers allows a list for `eos_token_id`; we keep the first.
     fn opt_u32(&self, dotted: &str) -> Result<Option<u32>> {
         let v = match self.get(dotted) {
@@ -574,6 +587,28 @@ mod tests {
         assert_eq!(cfg.image_tokens_per_image(), 4);
         assert_eq!(cfg.feature_layer_index(), 2);
         assert!(cfg.multimodal_projector_bias);
+        assert_eq!(cfg.text.pad_token_id, None);
+    }
+
+    #[test]
+    fn llava_hf_7b_config_parses_to_the_preset() {
+        // llava-hf/llava-1.5-7b-hf's config.json (transformers 4.36): most text fields are
+        // left to LlamaConfig's defaults, pad_token_id sits at the top level.
+        let cfg = parse(json!({
+            "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100,
+            "image_token_index": 32000, "model_type": "llava", "pad_token_id": 32001,
+            "projector_hidden_act": "gelu",
+            "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                "torch_dtype": "float16", "vocab_size": 32064},
+            "tie_word_embeddings": false, "torch_dtype": "float16",
+            "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+            "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064
+        }))
+        .unwrap();
+        assert_eq!(cfg, crate::model::preset::llava_15_7b());
     }
 
     #[test]
