@@ -21,10 +21,10 @@
 //! ## Scoring
 //!
 //! [`token_logprobs`] / [`sequence_logprobs`] give `log p(token_{i+1} | ..token_i)` per
-//! token and summed under a response mask, differentiable (composed log-softmax + gather),
+//! token and summed under a response mask, differentiable (fused log-softmax + gather),
 //! for DPO losses and multiple-choice scoring.
 
-use candle_core::{D, DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::sampling::{SamplingParams, sample, sequence_rng};
 use super::{KvCache, Llava, ModelError, Result};
@@ -362,18 +362,12 @@ pub fn token_logprobs(
         ));
     }
     let l = logits.narrow(1, 0, s - 1)?.to_dtype(DType::F32)?;
-    // log_softmax = x − max − log Σ exp(x − max); the max is a constant shift.
-    let m = l.max_keepdim(D::Minus1)?.detach();
-    let shifted = l.broadcast_sub(&m)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let lsm = crate::ops::log_softmax_last_dim(&l)?;
     let targets = input_ids
         .narrow(1, 1, s - 1)?
         .to_dtype(DType::U32)?
         .unsqueeze(2)?;
-    let picked = shifted
-        .gather(&targets.contiguous()?, 2)?
-        .sub(&lse)?
-        .squeeze(2)?;
+    let picked = lsm.gather(&targets.contiguous()?, 2)?.squeeze(2)?;
     let mask = response_mask.narrow(1, 1, s - 1)?.to_dtype(DType::F32)?;
     let per_token = (picked * &mask)?;
     let sum = per_token.sum(1)?;
