@@ -1,5 +1,6 @@
 //! Stage kinds and the ML they need.
 #![allow(unreachable_pub)]
+pub mod data;
 pub mod model;
 
 pub mod ops;

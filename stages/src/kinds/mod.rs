@@ -3,9 +3,11 @@
 //! Each kind lives in its own module and implements [`engine::stage::StageKind`]; this module
 //! only lists them, so that adding a kind is one line here plus its module.
 
+pub mod coin_data;
+
 use engine::stage::Registry;
 
 /// Register every ML stage kind.
 pub fn register_all(registry: &mut Registry) {
-    let _ = registry;
+    coin_data::register(registry);
 }

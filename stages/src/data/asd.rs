@@ -1,0 +1,438 @@
+//! Answer Style Diversification (ASD, SEFE §1.4): rewrite X % of a task's training records
+//! into the four answer styles the task does not natively use, so that every task's training
+//! set carries the same mix of styles and a later task cannot teach the model to answer
+//! earlier tasks in the wrong format.
+//!
+//! ## Counts and rounding
+//!
+//! For a task with `n` training records, `total = floor(n · x / 100)` records are converted.
+//! They are split over the four non-native styles in [`AnswerStyle::ALL`] order: each gets
+//! `total / 4`, and the first `total % 4` of them one more ([`style_counts`]). Which records
+//! are converted, and into which style, is a seeded shuffle of the record indices (the first
+//! `counts[0]` shuffled indices become the first style, and so on), so the choice is
+//! deterministic for a seed and independent of the record order's meaning. `x = 0` converts
+//! nothing: the output records equal the input ones.
+//!
+//! ## Styles
+//!
+//! Each converted record keeps its id, image and any later turns; its first question/answer
+//! pair is rewritten and its human turn ends with a response-format prompt (RFP, [`rfp`])
+//! naming the style. The record also gets an `answer_style` field (LLaVA's loader ignores
+//! unknown fields) so analyses can tell converted records apart.
+//!
+//! | style | question | answer |
+//! |---|---|---|
+//! | yes/no | the question + `Is the correct answer "<cand>"?` | `Yes` / `No` (candidate: the answer or a distractor, 50/50) |
+//! | MCQ | the question + up to four lettered options | the letter |
+//! | short | the question (ScienceQA: without its options) | the answer text |
+//! | brief | the question | the answer, then an explanation of about 20 words |
+//! | detail | the question | the answer, then an explanation of about 50 words |
+//!
+//! The native instruction line(s) of the question (CoIN's last line, e.g. "Answer the question
+//! using a single word or phrase.") are removed before the RFP is added.
+//!
+//! **Distractors** are other answers of the same task and question type (ScienceQA: the other
+//! options of the question itself). The question type comes from the synthetic scene sidecar
+//! when there is one, otherwise from the first two words of the question ("what color", "how
+//! many"...). **Explanations** are the scene's ground-truth sentences for synthetic data, and
+//! fixed templates otherwise, padded with neutral sentences to the target length.
+//!
+//! SEFE also lets an MLLM write distractors and explanations; here they are rule-based only.
+//!
+//! Test sets are not rewritten: evaluation scores each task in its native style, and CoIN's
+//! test questions already end with their native instruction, so no RFP is added to them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+use crate::data::coin::{
+    AnswerStyle, IMAGE_TOKEN, TrainRecord, Turn, native_style, strip_image_token,
+};
+use crate::data::synth_coin::SceneInfo;
+use crate::data::synth_coin::tasks::{MCQ_INSTRUCTION, SHORT_INSTRUCTION, VIZWIZ_INSTRUCTION};
+
+/// The response-format prompt of each style (the last line of a converted question).
+#[must_use]
+pub fn rfp(style: AnswerStyle) -> &'static str {
+    match style {
+        AnswerStyle::YesNo => "Answer with Yes or No.",
+        AnswerStyle::Mcq => MCQ_INSTRUCTION,
+        AnswerStyle::Short => SHORT_INSTRUCTION,
+        AnswerStyle::Brief => {
+            "Answer the question, then explain your answer briefly in about 20 words."
+        }
+        AnswerStyle::Detail => {
+            "Answer the question, then explain your answer in detail in about 50 words."
+        }
+    }
+}
+
+/// Instruction lines stripped from the end of a question before the RFP is added.
+const INSTRUCTIONS: [&str; 3] = [SHORT_INSTRUCTION, MCQ_INSTRUCTION, VIZWIZ_INSTRUCTION];
+
+/// The four styles a task with native style `native` is converted into, in fixed order.
+#[must_use]
+pub fn non_native(native: AnswerStyle) -> Vec<AnswerStyle> {
+    AnswerStyle::ALL
+        .into_iter()
+        .filter(|s| *s != native)
+        .collect()
+}
+
+/// How many records go to each non-native style: `floor(n·x/100)` split evenly, the remainder
+/// to the first styles.
+#[must_use]
+pub fn style_counts(n: usize, x: u32) -> [usize; 4] {
+    let total = n * x as usize / 100;
+    let mut out = [total / 4; 4];
+    for c in out.iter_mut().take(total % 4) {
+        *c += 1;
+    }
+    out
+}
+
+/// A record's first question/answer, split into parts.
+struct Qa {
+    /// The question without image marker, instruction lines or (ScienceQA) options.
+    base: String,
+    /// The answer as text (ScienceQA: the chosen option's text).
+    answer: String,
+    /// Options parsed from an MCQ question.
+    options: Vec<String>,
+    qtype: String,
+}
+
+fn parse_qa(
+    rec: &TrainRecord,
+    native: AnswerStyle,
+    scenes: Option<&BTreeMap<String, SceneInfo>>,
+) -> Qa {
+    let q = strip_image_token(&rec.conversations[0].value);
+    let a = rec.conversations[1].value.trim().to_string();
+    let mut lines: Vec<&str> = q.lines().collect();
+    while lines
+        .last()
+        .is_some_and(|l| INSTRUCTIONS.contains(&l.trim()))
+    {
+        lines.pop();
+    }
+    let mut options = Vec::new();
+    let mut answer = a.clone();
+    if native == AnswerStyle::Mcq {
+        // Option lines "A. text"; the answer letter picks one.
+        let mut kept = Vec::new();
+        for l in lines {
+            let t = l.trim();
+            let b = t.as_bytes();
+            if b.len() > 3 && b[0].is_ascii_uppercase() && b[1] == b'.' && b[2] == b' ' {
+                options.push(t[3..].to_string());
+            } else {
+                kept.push(l);
+            }
+        }
+        lines = kept;
+        let letter = a.trim_end_matches('.').trim();
+        if letter.len() == 1
+            && let Some(i) = letter.bytes().next().map(|c| c.wrapping_sub(b'A') as usize)
+            && i < options.len()
+        {
+            answer = options[i].clone();
+        }
+    }
+    let base = lines.join("\n").trim().to_string();
+    let key = rec.id.to_string();
+    let qtype = scenes
+        .and_then(|s| s.get(&key))
+        .map(|s| s.qtype.clone())
+        .unwrap_or_else(|| infer_qtype(&base, &answer));
+    Qa {
+        base,
+        answer,
+        options,
+        qtype,
+    }
+}
+
+/// Question type of a record without scene information: yes/no answers form one type, the
+/// rest are grouped by the question's first two words.
+fn infer_qtype(question: &str, answer: &str) -> String {
+    if matches!(answer.to_lowercase().as_str(), "yes" | "no") {
+        return "yes/no".into();
+    }
+    let words: Vec<String> = question
+        .split_whitespace()
+        .take(2)
+        .map(|w| w.to_lowercase())
+        .collect();
+    words.join(" ")
+}
+
+fn word_count(s: &str) -> usize {
+    s.split_whitespace().count()
+}
+
+/// Neutral sentences used when the facts run short (templates for real data).
+const FILLERS: [&str; 6] = [
+    "The relevant part of the image is clearly visible and leaves little doubt.",
+    "Other details in the picture do not change this conclusion.",
+    "Checking the visual evidence against the question confirms it.",
+    "This is the option that agrees with what the image actually shows.",
+    "Nothing else in the scene fits the question as well.",
+    "Looking again at the whole picture gives the same result.",
+];
+
+/// An explanation of about `target` words: the scene facts (if any), then a sentence tying them
+/// to the answer, then neutral sentences until the length is reached.
+fn explanation(
+    rng: &mut StdRng,
+    facts: &[String],
+    question: &str,
+    answer: &str,
+    target: usize,
+) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut n = 0;
+    let mut facts: Vec<&String> = facts.iter().collect();
+    facts.shuffle(rng);
+    for f in facts {
+        if n + word_count(f) > target + target / 4 {
+            continue;
+        }
+        n += word_count(f);
+        parts.push(f.clone());
+    }
+    let first_line = question.lines().next().unwrap_or("").trim();
+    let tie = if first_line.is_empty() {
+        format!("So the answer is {answer}.")
+    } else {
+        format!("So for the question \"{first_line}\" the answer is {answer}.")
+    };
+    if n + word_count(&tie) <= target + target / 2 {
+        n += word_count(&tie);
+        parts.push(tie);
+    } else {
+        let short = format!("So the answer is {answer}.");
+        n += word_count(&short);
+        parts.push(short);
+    }
+    let mut fill: Vec<&str> = FILLERS.to_vec();
+    fill.shuffle(rng);
+    for f in fill {
+        if n >= target * 4 / 5 {
+            break;
+        }
+        n += word_count(f);
+        parts.push(f.to_string());
+    }
+    parts.join(" ")
+}
+
+/// Distractor pools: distinct answers per question type (sorted, so the pools do not depend on
+/// record order).
+fn pools(qas: &[Qa]) -> BTreeMap<&str, Vec<&str>> {
+    let mut sets: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for qa in qas {
+        sets.entry(qa.qtype.as_str())
+            .or_default()
+            .insert(qa.answer.as_str());
+    }
+    sets.into_iter()
+        .map(|(k, v)| (k, v.into_iter().collect()))
+        .collect()
+}
+
+fn distractors<'a>(rng: &mut StdRng, qa: &'a Qa, pool: &[&'a str], k: usize) -> Vec<&'a str> {
+    let same = |x: &str| x.trim().eq_ignore_ascii_case(qa.answer.trim());
+    let mut cands: Vec<&str> = if qa.options.len() > 1 {
+        qa.options
+            .iter()
+            .map(String::as_str)
+            .filter(|o| !same(o))
+            .collect()
+    } else {
+        pool.iter().copied().filter(|o| !same(o)).collect()
+    };
+    cands.dedup();
+    cands.shuffle(rng);
+    cands.truncate(k);
+    cands
+}
+
+/// Convert one record into `style`.
+fn convert(
+    rng: &mut StdRng,
+    rec: &TrainRecord,
+    qa: &Qa,
+    style: AnswerStyle,
+    pool: &[&str],
+    facts: &[String],
+) -> TrainRecord {
+    let (body, answer) = match style {
+        AnswerStyle::YesNo => {
+            let d = distractors(rng, qa, pool, 1);
+            let yes = d.is_empty() || rng.random_bool(0.5);
+            let cand = if yes { qa.answer.as_str() } else { d[0] };
+            (
+                format!("{}\nIs the correct answer \"{cand}\"?", qa.base),
+                if yes { "Yes" } else { "No" }.to_string(),
+            )
+        }
+        AnswerStyle::Mcq => {
+            let mut opts = distractors(rng, qa, pool, 3);
+            opts.push(&qa.answer);
+            opts.shuffle(rng);
+            let letters = ["A", "B", "C", "D"];
+            let lines: Vec<String> = opts
+                .iter()
+                .zip(letters)
+                .map(|(o, l)| format!("{l}. {o}"))
+                .collect();
+            let idx = opts.iter().position(|o| *o == qa.answer).unwrap_or(0);
+            (
+                format!("{}\n{}", qa.base, lines.join("\n")),
+                letters[idx].to_string(),
+            )
+        }
+        AnswerStyle::Short => (qa.base.clone(), qa.answer.clone()),
+        AnswerStyle::Brief | AnswerStyle::Detail => {
+            let target = if style == AnswerStyle::Brief { 20 } else { 50 };
+            let e = explanation(rng, facts, &qa.base, &qa.answer, target);
+            (
+                qa.base.clone(),
+                format!("{}. {e}", qa.answer.trim_end_matches('.')),
+            )
+        }
+    };
+    let had_image = rec.conversations[0].value.starts_with(IMAGE_TOKEN);
+    let human = format!(
+        "{}{body}\n{}",
+        if had_image { "<image>\n" } else { "" },
+        rfp(style)
+    );
+    let mut out = rec.clone();
+    out.conversations[0] = Turn::human(human);
+    out.conversations[1] = Turn::gpt(answer);
+    out.extra
+        .insert("answer_style".into(), Value::String(style.name().into()));
+    out
+}
+
+/// What [`rewrite_task`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AsdSummary {
+    /// Records converted into each style.
+    pub converted: BTreeMap<AnswerStyle, usize>,
+    /// Records left in the native style.
+    pub native: usize,
+}
+
+/// Rewrite the training records of `task` with ASD at `x` percent.
+///
+/// `scenes` is the synthetic generator's ground truth by record id (facts for explanations,
+/// question types for distractors); `None` for real data.
+#[must_use]
+pub fn rewrite_task(
+    task: &str,
+    records: &[TrainRecord],
+    scenes: Option<&BTreeMap<String, SceneInfo>>,
+    x: u32,
+    seed: u64,
+) -> (Vec<TrainRecord>, AsdSummary) {
+    let native = native_style(task);
+    let styles = non_native(native);
+    let counts = style_counts(records.len(), x);
+    let mut order: Vec<usize> = (0..records.len()).collect();
+    // One stream per task, so adding a task does not change the others' rewrite.
+    let task_salt = task.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut rng = StdRng::seed_from_u64(seed ^ task_salt);
+    order.shuffle(&mut rng);
+    let mut assign: Vec<Option<AnswerStyle>> = vec![None; records.len()];
+    let mut at = 0;
+    for (style, &c) in styles.iter().zip(&counts) {
+        for &i in &order[at..at + c] {
+            assign[i] = Some(*style);
+        }
+        at += c;
+    }
+    let qas: Vec<Qa> = records
+        .iter()
+        .map(|r| parse_qa(r, native, scenes))
+        .collect();
+    let pools = pools(&qas);
+    let mut out = Vec::with_capacity(records.len());
+    for (i, rec) in records.iter().enumerate() {
+        let Some(style) = assign[i] else {
+            out.push(rec.clone());
+            continue;
+        };
+        let qa = &qas[i];
+        let pool = pools.get(qa.qtype.as_str()).map_or(&[][..], Vec::as_slice);
+        let facts = scenes
+            .and_then(|s| s.get(&rec.id.to_string()))
+            .map_or(&[][..], |s| s.facts.as_slice());
+        let mut rec_rng = StdRng::seed_from_u64(rng.random());
+        out.push(convert(&mut rec_rng, rec, qa, style, pool, facts));
+    }
+    let converted = styles.iter().zip(counts).map(|(s, c)| (*s, c)).collect();
+    (
+        out,
+        AsdSummary {
+            converted,
+            native: records.len() - counts.iter().sum::<usize>(),
+        },
+    )
+}
+
+/// The style a rewritten record was converted into (`None`: native).
+#[must_use]
+pub fn record_style(rec: &TrainRecord) -> Option<AnswerStyle> {
+    rec.extra
+        .get("answer_style")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_round_down_and_spread_the_remainder() {
+        assert_eq!(style_counts(400, 20), [20, 20, 20, 20]);
+        assert_eq!(style_counts(10, 20), [1, 1, 0, 0]);
+        assert_eq!(style_counts(7, 50), [1, 1, 1, 0]);
+        assert_eq!(style_counts(100, 0), [0; 4]);
+        assert_eq!(style_counts(3, 100), [1, 1, 1, 0]);
+    }
+
+    #[test]
+    fn scienceqa_options_are_parsed() {
+        let rec: TrainRecord = serde_json::from_value(serde_json::json!({
+            "id": "s1", "image": "a.png",
+            "conversations": [{"from": "human", "value": format!("<image>\nWhich shape?\nA. circle\nB. square\n{MCQ_INSTRUCTION}")},
+                              {"from": "gpt", "value": "B"}]})).unwrap();
+        let qa = parse_qa(&rec, AnswerStyle::Mcq, None);
+        assert_eq!(qa.base, "Which shape?");
+        assert_eq!(qa.answer, "square");
+        assert_eq!(qa.options, ["circle", "square"]);
+        assert_eq!(qa.qtype, "which shape?");
+    }
+
+    #[test]
+    fn explanations_hit_their_length() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let facts = vec!["There is a red circle in the top left of the image.".to_string()];
+        for (target, lo, hi) in [(20, 14, 32), (50, 38, 70)] {
+            for f in [&facts[..], &[]] {
+                let e = explanation(&mut rng, f, "What is it?", "circle", target);
+                let n = word_count(&e);
+                assert!((lo..=hi).contains(&n), "{n} words: {e}");
+            }
+        }
+    }
+}
