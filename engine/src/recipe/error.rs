@@ -10,6 +10,28 @@
 //! `related` diagnostics, so one run of `pipeline plan` shows everything to fix. The same
 //! problem found in several expansions of a `foreach` stage is reported once.
 //!
+//! | code (`pipeline::recipe::…`) | meaning |
+//! |---|---|
+//! | `io` | the recipe file itself cannot be read |
+//! | `toml_syntax` | invalid TOML (every error of a file, via the recovering parser) |
+//! | `missing_file` | an `extends`/`include` path cannot be read |
+//! | `extends_cycle` | files extend or include each other in a cycle |
+//! | `unknown_key` | a key outside the language (top level, `[experiment]`, `resources`) |
+//! | `bad_value` | a reserved key with a wrong value (`foreach`, `matrix`, `chain`, `executor`...) |
+//! | `bad_name` | a stage name with characters other than letters, digits, `-`, `_` |
+//! | `unknown_kind` | no registered kind of that name (with did-you-mean) |
+//! | `unknown_param` | the kind has no such parameter (with did-you-mean) |
+//! | `mistyped_param` | a parameter value of the wrong type |
+//! | `missing_param` | a required parameter (or `kind`) is absent |
+//! | `unknown_var` | `foreach`/`matrix` names a var that is not defined |
+//! | `missing_stage` | a reference or `after` names no stage or expansion |
+//! | `missing_output` | a reference names an output the stage does not have |
+//! | `output_type` | the referenced output's type does not fit the parameter |
+//! | `ambiguous_ref` | `@x` to an expanded stage, or `@x/*` to a plain one |
+//! | `duplicate_stage`, `duplicate_var` | defined twice (includes, repeated `foreach` items) |
+//! | `cycle` | stages depend on each other in a cycle (every stage named, every edge labelled) |
+//! | `bad_set` | a `--set` path that names nothing |
+//!
 //! `Diagnostic` is implemented by hand rather than derived because codes, the number of
 //! labels (a cycle labels every edge) and the source vary per problem.
 

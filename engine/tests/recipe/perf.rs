@@ -64,3 +64,9 @@ fn layered_10000_expanded_stages() {
         "10,000 expanded stages took {t:?}"
     );
 }
+
+/// Shown with `--nocapture`, so the numbers can be quoted.
+#[allow(clippy::print_stderr)]
+fn report(name: &str, t: Duration) {
+    eprintln!("{name}: load took {t:?} (best of 3)");
+}
