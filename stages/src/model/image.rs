@@ -103,8 +103,11 @@ pub struct ImageProcessorConfig {
 }
 
 /// OpenAI CLIP normalization constants.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// OpenAI CLIP normalization constants.
+// Written exactly as in every CLIP `preprocessor_config.json`, so they can be grepped for.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 impl ImageProcessorConfig {

@@ -36,6 +36,9 @@ pub const IMAGE: &str = "<image>";
 /// Padding token.
 pub const PAD: &str = "<pad>";
 
+/// A token's byte range `(start, end)` in the encoded text.
+pub type Offsets = (usize, usize);
+
 /// Errors from loading, checking, training or using a tokenizer.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -291,7 +294,7 @@ impl LlavaTokenizer {
         &self,
         text: &str,
         add_bos: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>), TokenizerError> {
+    ) -> Result<(Vec<u32>, Vec<Offsets>), TokenizerError> {
         let enc = self
             .inner
             .encode(text, add_bos)

@@ -32,11 +32,8 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor, TrainError> {
 
 /// Host copy of `labels` shifted left by one: `(row-major flat index into [b, s-1], target)` for
 /// every labelled target. Rejects targets outside the vocabulary (bad data, not a panic).
-fn shifted_targets(
-    labels: &Tensor,
-    vocab: usize,
-) -> Result<(usize, usize, Vec<(u32, u32)>), TrainError> {
-    let (b, s) = labels.dims2()?;
+fn shifted_targets(labels: &Tensor, vocab: usize) -> Result<Vec<(u32, u32)>, TrainError> {
+    let s = labels.dim(1)?;
     let rows: Vec<Vec<i64>> = labels.to_dtype(DType::I64)?.to_vec2()?;
     let mut out = Vec::new();
     for (i, row) in rows.iter().enumerate() {
@@ -54,7 +51,7 @@ fn shifted_targets(
             out.push(((i * (s - 1) + t) as u32, label as u32));
         }
     }
-    Ok((b, s, out))
+    Ok(out)
 }
 
 /// Sum of the negative log-likelihoods of all labelled targets and their count.
@@ -68,7 +65,7 @@ pub fn shifted_nll_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usiz
             logits.dims()
         )));
     }
-    let (_, _, targets) = shifted_targets(labels, v)?;
+    let targets = shifted_targets(labels, v)?;
     if targets.is_empty() {
         let zero = logits.sum_all()?.to_dtype(DType::F32)?.affine(0.0, 0.0)?;
         return Ok((zero, 0));
@@ -97,7 +94,7 @@ pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor, 
 /// reference log-likelihoods).
 pub fn sequence_logprobs(logits: &Tensor, labels: &Tensor) -> Result<Tensor, TrainError> {
     let (b, s, v) = logits.dims3()?;
-    let (_, _, targets) = shifted_targets(labels, v)?;
+    let targets = shifted_targets(labels, v)?;
     let dev = logits.device();
     let flat = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), v))?;
     let mut row_of = Vec::with_capacity(targets.len());

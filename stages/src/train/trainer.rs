@@ -303,10 +303,11 @@ impl Trainer {
         let scale = self.cfg.schedule.factor(step);
         self.opt.step(&grads, scale)?;
         self.state.step += 1;
-        if let (Some(every), Some(dir)) = (self.cfg.checkpoint_every, ckpt_dir) {
-            if every > 0 && self.state.step % every == 0 {
-                self.checkpoint(dir)?;
-            }
+        if let (Some(every), Some(dir)) = (self.cfg.checkpoint_every, ckpt_dir)
+            && every > 0
+            && self.state.step.is_multiple_of(every)
+        {
+            self.checkpoint(dir)?;
         }
         Ok(StepReport {
             step: self.state.step,
