@@ -9,4 +9,5 @@ mod gc;
 mod hashing;
 mod locking;
 mod roundtrip;
+mod sigkill;
 mod write_errors;
