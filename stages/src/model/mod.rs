@@ -13,6 +13,7 @@
 //! | [`llava`] | [`Llava`]: image-token merge, forward, load/save, trainable-variable selection |
 //! | [`lora`] | adapter configs, PEFT read/write, target matching, merging, seeded dropout |
 //! | [`preset`] | the built-in `llava-tiny` and `llava-1.5-7b` configs |
+//! | [`files`] | one forward on tensors read from a safetensors file (`pipeline model forward`) |
 //!
 //! ## Design
 //!
