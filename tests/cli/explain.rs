@@ -233,3 +233,24 @@ fn collect_param_changes(v: &Value, out: &mut Vec<Value>) {
         _ => {}
     }
 }
+
+#[test]
+fn explain_names_a_changed_external_file() {
+    let (p, _) = crate::common::Project::with_shape(Shape::Chain, 2, &RecipeOpts::default());
+    p.run_json(&[]).ok();
+    std::fs::write(p.proj().join("seed.txt"), "another seed\n").unwrap();
+    let r = explain(&p, "s0000", false);
+    r.ok();
+    let out = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        out.contains("seed.txt") && out.contains("changed"),
+        "expected `file `seed.txt` changed`:\n{out}"
+    );
+    let down = explain(&p, "s0001", false);
+    down.ok();
+    let out = format!("{}{}", down.stdout, down.stderr);
+    assert!(
+        out.contains("maybe") || out.contains("s0000"),
+        "s0001 depends on a rerunning stage:\n{out}"
+    );
+}

@@ -13,6 +13,7 @@ mod cli_errors;
 mod concurrency;
 mod explain;
 mod freshness;
+mod gc_exec;
 mod json_events;
 mod kill_resume;
 mod smoke;
