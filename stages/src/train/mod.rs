@@ -17,7 +17,8 @@
 //! update, `clip_grad_norm_`, the LR lambdas, and the loss normalization (mean over all labelled
 //! targets of an optimizer step, across accumulation). The parity test
 //! (`stages/tests/train_parity.rs`) reproduces the `llava-tiny` fixture's two LoRA steps: loss,
-//! gradients and AdamW-updated parameters.
+//! gradients and AdamW-updated parameters; `stages/tests/train_resume.rs` kills a LoRA run on
+//! the real model and checks that the resumed run ends byte-identical.
 //!
 //! Gradients come from candle's autograd. Only the trainable parameters are `Var`s; the
 //! optimizer asks the gradient store for each of them and fails with
