@@ -233,18 +233,11 @@ fn maybe_reasons(
     let mut guess = manifest.clone();
     for &n in unknown {
         let inp = &node.inputs[n];
-        if let Some(old) = prev
-            .inputs
-            .iter()
-            .find(|o| o.param == inp.param && o.position == inp.position)
-        {
-            if let Some(slot) = guess
-                .inputs
-                .iter_mut()
-                .find(|g| g.param == inp.param && g.position == inp.position)
-            {
-                slot.digest = old.digest;
-            }
+        let same =
+            |d: &&crate::key::InputDigest| d.param == inp.param && d.position == inp.position;
+        let old = prev.inputs.iter().find(same).map(|o| o.digest);
+        if let (Some(old), Some(slot)) = (old, guess.inputs.iter_mut().find(|g| same(&&**g))) {
+            slot.digest = old;
         }
     }
     let mut reasons = key::diff(&prev, &guess, &|_| false);

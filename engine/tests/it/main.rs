@@ -4,6 +4,7 @@ mod cancel;
 mod failure;
 mod freshness;
 mod plan;
+mod schedule;
 mod shell;
 
 use std::path::{Path, PathBuf};
