@@ -185,40 +185,38 @@ const FILLERS: [&str; 6] = [
     "Looking again at the whole picture gives the same result.",
 ];
 
-/// An explanation of about `target` words: the scene facts (if any), then a sentence tying them
-/// to the answer, then neutral sentences until the length is reached.
-fn explanation(
+/// The answer followed by an explanation, about `target` words in all: the scene facts (if
+/// any) that fit, a sentence tying them to the answer, then neutral sentences until at least
+/// 4/5 of the target is reached (so at most one sentence past it).
+fn explained_answer(
     rng: &mut StdRng,
     facts: &[String],
     question: &str,
     answer: &str,
     target: usize,
 ) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut n = 0;
+    let head = format!("{}.", answer.trim_end_matches('.'));
+    let mut n = word_count(&head);
+    let mut parts: Vec<String> = vec![head];
+    let max = target + target / 4;
+    let short = format!("So the answer is {answer}.");
     let mut facts: Vec<&String> = facts.iter().collect();
     facts.shuffle(rng);
     for f in facts {
-        if n + word_count(f) > target + target / 4 {
-            continue;
+        if n + word_count(f) + word_count(&short) <= max {
+            n += word_count(f);
+            parts.push(f.clone());
         }
-        n += word_count(f);
-        parts.push(f.clone());
     }
     let first_line = question.lines().next().unwrap_or("").trim();
-    let tie = if first_line.is_empty() {
-        format!("So the answer is {answer}.")
+    let long = format!("So for the question \"{first_line}\" the answer is {answer}.");
+    let tie = if !first_line.is_empty() && n + word_count(&long) <= max {
+        long
     } else {
-        format!("So for the question \"{first_line}\" the answer is {answer}.")
+        short
     };
-    if n + word_count(&tie) <= target + target / 2 {
-        n += word_count(&tie);
-        parts.push(tie);
-    } else {
-        let short = format!("So the answer is {answer}.");
-        n += word_count(&short);
-        parts.push(short);
-    }
+    n += word_count(&tie);
+    parts.push(tie);
     let mut fill: Vec<&str> = FILLERS.to_vec();
     fill.shuffle(rng);
     for f in fill {
@@ -245,7 +243,15 @@ fn pools(qas: &[Qa]) -> BTreeMap<&str, Vec<&str>> {
         .collect()
 }
 
-fn distractors<'a>(rng: &mut StdRng, qa: &'a Qa, pool: &[&'a str], k: usize) -> Vec<&'a str> {
+/// Up to `k` wrong answers: the question's own other options (MCQ-native tasks), else other
+/// answers of the same question type, topped up from the whole task when that type has too few.
+fn distractors<'a>(
+    rng: &mut StdRng,
+    qa: &'a Qa,
+    pool: &[&'a str],
+    task_pool: &[&'a str],
+    k: usize,
+) -> Vec<&'a str> {
     let same = |x: &str| x.trim().eq_ignore_ascii_case(qa.answer.trim());
     let mut cands: Vec<&str> = if qa.options.len() > 1 {
         qa.options
@@ -259,6 +265,15 @@ fn distractors<'a>(rng: &mut StdRng, qa: &'a Qa, pool: &[&'a str], k: usize) -> 
     cands.dedup();
     cands.shuffle(rng);
     cands.truncate(k);
+    if cands.len() < k {
+        let mut more: Vec<&str> = task_pool
+            .iter()
+            .copied()
+            .filter(|o| !same(o) && !cands.contains(o))
+            .collect();
+        more.shuffle(rng);
+        cands.extend(more.into_iter().take(k - cands.len()));
+    }
     cands
 }
 
@@ -268,12 +283,13 @@ fn convert(
     rec: &TrainRecord,
     qa: &Qa,
     style: AnswerStyle,
-    pool: &[&str],
+    pools: (&[&str], &[&str]),
     facts: &[String],
 ) -> TrainRecord {
+    let (pool, task_pool) = pools;
     let (body, answer) = match style {
         AnswerStyle::YesNo => {
-            let d = distractors(rng, qa, pool, 1);
+            let d = distractors(rng, qa, pool, task_pool, 1);
             let yes = d.is_empty() || rng.random_bool(0.5);
             let cand = if yes { qa.answer.as_str() } else { d[0] };
             (
@@ -282,7 +298,7 @@ fn convert(
             )
         }
         AnswerStyle::Mcq => {
-            let mut opts = distractors(rng, qa, pool, 3);
+            let mut opts = distractors(rng, qa, pool, task_pool, 3);
             opts.push(&qa.answer);
             opts.shuffle(rng);
             let letters = ["A", "B", "C", "D"];
@@ -300,10 +316,9 @@ fn convert(
         AnswerStyle::Short => (qa.base.clone(), qa.answer.clone()),
         AnswerStyle::Brief | AnswerStyle::Detail => {
             let target = if style == AnswerStyle::Brief { 20 } else { 50 };
-            let e = explanation(rng, facts, &qa.base, &qa.answer, target);
             (
                 qa.base.clone(),
-                format!("{}. {e}", qa.answer.trim_end_matches('.')),
+                explained_answer(rng, facts, &qa.base, &qa.answer, target),
             )
         }
     };
@@ -365,6 +380,12 @@ pub fn rewrite_task(
         .map(|r| parse_qa(r, native, scenes))
         .collect();
     let pools = pools(&qas);
+    let task_pool: Vec<&str> = qas
+        .iter()
+        .map(|q| q.answer.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let mut out = Vec::with_capacity(records.len());
     for (i, rec) in records.iter().enumerate() {
         let Some(style) = assign[i] else {
@@ -377,7 +398,14 @@ pub fn rewrite_task(
             .and_then(|s| s.get(&rec.id.to_string()))
             .map_or(&[][..], |s| s.facts.as_slice());
         let mut rec_rng = StdRng::seed_from_u64(rng.random());
-        out.push(convert(&mut rec_rng, rec, qa, style, pool, facts));
+        out.push(convert(
+            &mut rec_rng,
+            rec,
+            qa,
+            style,
+            (pool, &task_pool),
+            facts,
+        ));
     }
     let converted = styles.iter().zip(counts).map(|(s, c)| (*s, c)).collect();
     (
@@ -429,7 +457,7 @@ mod tests {
         let facts = vec!["There is a red circle in the top left of the image.".to_string()];
         for (target, lo, hi) in [(20, 14, 32), (50, 38, 70)] {
             for f in [&facts[..], &[]] {
-                let e = explanation(&mut rng, f, "What is it?", "circle", target);
+                let e = explained_answer(&mut rng, f, "What is it?", "circle", target);
                 let n = word_count(&e);
                 assert!((lo..=hi).contains(&n), "{n} words: {e}");
             }
