@@ -18,9 +18,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The cache directory (or a file in it) cannot be written.
-    #[error("cache directory `{}` is not writable (while writing `{}`)", root.display(), path.display())]
+    /// The cache directory (or the runs directory, or a file in them) cannot be written.
+    #[error("{dir_kind} `{}` is not writable (while writing `{}`)", root.display(), path.display())]
     NotWritable {
+        /// "cache directory" or "runs directory".
+        dir_kind: &'static str,
         /// The cache root.
         root: PathBuf,
         /// The path that failed.
@@ -118,9 +120,22 @@ pub enum Error {
 impl Error {
     /// Classifies an I/O error on `path` under cache `root`.
     pub fn io(root: &Path, path: &Path, what: &'static str, source: io::Error) -> Self {
+        Error::io_in("cache directory", root, path, what, source)
+    }
+
+    /// Classifies an I/O error on `path` under `root`, a directory of kind `dir_kind`
+    /// ("cache directory", "runs directory") that the not-writable message names.
+    pub fn io_in(
+        dir_kind: &'static str,
+        root: &Path,
+        path: &Path,
+        what: &'static str,
+        source: io::Error,
+    ) -> Self {
         let path = path.to_path_buf();
         match source.raw_os_error() {
             Some(libc::EACCES | libc::EPERM | libc::EROFS) => Error::NotWritable {
+                dir_kind,
                 root: root.to_path_buf(),
                 path,
                 source,

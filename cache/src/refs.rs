@@ -82,16 +82,38 @@ impl Cache {
             Ok(m) if !m.file_type().is_symlink() => return Err(Error::LinkOccupied { path: link }),
             Ok(_) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(runs_root, &link, "cannot stat", e)),
+            Err(e) => {
+                return Err(Error::io_in(
+                    "runs directory",
+                    runs_root,
+                    &link,
+                    "cannot stat",
+                    e,
+                ));
+            }
         }
-        fs::create_dir_all(&dir)
-            .map_err(|e| Error::io(runs_root, &dir, "cannot create directory", e))?;
+        fs::create_dir_all(&dir).map_err(|e| {
+            Error::io_in(
+                "runs directory",
+                runs_root,
+                &dir,
+                "cannot create directory",
+                e,
+            )
+        })?;
         let tmp = dir.join(fsutil::unique_name(&format!(".{output}.link")));
-        std::os::unix::fs::symlink(target, &tmp)
-            .map_err(|e| Error::io(runs_root, &tmp, "cannot create symlink", e))?;
+        std::os::unix::fs::symlink(target, &tmp).map_err(|e| {
+            Error::io_in(
+                "runs directory",
+                runs_root,
+                &tmp,
+                "cannot create symlink",
+                e,
+            )
+        })?;
         fs::rename(&tmp, &link).map_err(|e| {
             let _ = fs::remove_file(&tmp);
-            Error::io(runs_root, &link, "cannot rename into", e)
+            Error::io_in("runs directory", runs_root, &link, "cannot rename into", e)
         })?;
         Ok(link)
     }

@@ -208,3 +208,42 @@ fn bad_output_names_are_rejected() {
         assert!(err.to_string().starts_with("invalid output name"), "{err}");
     }
 }
+
+#[test]
+fn cache_is_shareable_and_concurrent_materialize_agrees() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<cache::Cache>();
+    let t = tempfile::tempdir().unwrap();
+    let c = open(&t.path().join("c"));
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| (format!("f{i}"), vec![i as u8; 100 + i]))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect();
+    let e = commit_files(&c, &key("k"), &refs);
+    drop(c);
+    // Fresh caches (as separate processes would be) race to build the same tree.
+    let dirs: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                let (root, e) = (t.path().join("c"), &e);
+                s.spawn(move || open(&root).materialize(e, "out").unwrap())
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(dirs.windows(2).all(|w| w[0] == w[1]));
+    let mut expected = files.clone();
+    expected.sort();
+    assert!(
+        read_tree(&dirs[0]) == expected,
+        "materialized content differs"
+    );
+    assert_eq!(
+        count_files(&t.path().join("c/v1/tmp")),
+        0,
+        "losing builders clean up"
+    );
+}

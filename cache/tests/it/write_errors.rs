@@ -118,3 +118,36 @@ fn full_disk_fails_commit_cleanly() {
     assert!(c.lookup(&k).unwrap().is_some());
     drop(c);
 }
+
+#[test]
+fn read_only_runs_dir_names_the_runs_directory() {
+    let t = tempfile::tempdir().unwrap();
+    let c = open(&t.path().join("c"));
+    let e = commit_files(&c, &key("k"), &[("f", b"x")]);
+    let tree = c.materialize(&e, "out").unwrap();
+    // A runs root under a regular file cannot be created, as root or not.
+    std::fs::write(t.path().join("runs"), b"not a dir").unwrap();
+    let err = c
+        .link_run(&t.path().join("runs"), "exp", "s", "out", &tree)
+        .unwrap_err();
+    assert!(err.to_string().contains("runs"), "{err}");
+    let ro = match Mount::tmpfs("ro,size=1m") {
+        Some(m) => m,
+        None if !is_root() => {
+            eprintln!("skipped the read-only part: not root, no tmpfs");
+            return;
+        }
+        None => {
+            eprintln!("skipped the read-only part: cannot mount a tmpfs");
+            return;
+        }
+    };
+    let err = c.link_run(ro.path(), "exp", "s", "out", &tree).unwrap_err();
+    assert!(
+        err.to_string().starts_with(&format!(
+            "runs directory `{}` is not writable",
+            ro.path().display()
+        )),
+        "{err}"
+    );
+}
