@@ -351,9 +351,7 @@ fn run_command(ctx: &mut StageCtx<'_>, cmd: &str) -> Result<(), StageError> {
             Some(code) => format!("exit status {code}"),
             None => "a signal".to_owned(),
         };
-        return Err(StageError::Other(format!(
-            "command failed with {how} (see the stage log)"
-        )));
+        return Err(StageError::Other(format!("command failed with {how}")));
     }
     Ok(())
 }

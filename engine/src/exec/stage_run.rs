@@ -122,7 +122,15 @@ fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, 
             log: &mut log,
             resources: job.resources,
         };
-        job.kind.run(&mut ctx)?;
+        if let Err(e) = job.kind.run(&mut ctx) {
+            return Err(match e {
+                StageError::Cancelled => e,
+                e => match keep_failed_log(env, node, &log_path) {
+                    Some(kept) => StageError::Other(format!("{e} (log: {})", kept.display())),
+                    None => e,
+                },
+            });
+        }
     }
     if env.cancel.load(std::sync::atomic::Ordering::Relaxed) {
         // A stage that returned Ok after the cancel may have cut corners; never commit it.
@@ -144,6 +152,21 @@ fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, 
     );
     finish(env, node, job.kind.as_ref(), &entry).map_err(FinishError::into_stage_error)?;
     Ok(Outcome::Ran(entry))
+}
+
+/// A failed stage leaves no entry, so its log would vanish with the staging directory; keep
+/// it as `runs/<experiment>/<stage>/failed.log` (replaced by the next failure, left alone
+/// by successes so the last failure stays inspectable). `None` if there is nothing to keep.
+fn keep_failed_log(env: &Env<'_>, node: &StageNode, log: &Path) -> Option<PathBuf> {
+    let runs = env.runs_dir?;
+    if std::fs::metadata(log).map_or(true, |m| m.len() == 0) {
+        return None;
+    }
+    let dir = runs.join(&env.recipe.experiment).join(&node.name);
+    std::fs::create_dir_all(&dir).ok()?;
+    let kept = dir.join("failed.log");
+    std::fs::copy(log, &kept).ok()?;
+    Some(kept)
 }
 
 /// After a hit or a commit: point the ref at the key, link `runs/`, and let the kind restore

@@ -37,12 +37,18 @@ fn cancel_commits_nothing_and_the_rerun_resumes() {
     assert_eq!(out.summary.exit_code(), 130);
     assert!(out.ran().is_empty());
     assert_eq!(out.summary.skipped, ["slow", "after"]);
-    let progressed = out.events.iter().any(|e| matches!(e, Event::StageProgress { stage, .. } if stage == "slow"));
+    let progressed = out
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::StageProgress { stage, .. } if stage == "slow"));
     assert!(progressed, "the slow stage reports progress");
 
     let out = p.run_with(&recipe, &p.options());
     assert_eq!(out.ran(), ["after", "slow"]);
-    assert_eq!(out.rerun_lines()[0], "[RERUN] slow: never run; previous attempt incomplete (resuming)");
+    assert_eq!(
+        out.rerun_lines()[0],
+        "[RERUN] slow: never run; previous attempt incomplete (resuming)"
+    );
     assert_eq!(p.value("after"), "slow=40\np=0\n");
 }
 
@@ -70,7 +76,10 @@ outs = ["out.txt"]
     let started = std::time::Instant::now();
     let out = p.run_with(&recipe, &opts);
     stopper.join().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(10), "the child was not killed");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the child was not killed"
+    );
     assert!(out.summary.interrupted);
     assert!(!p.path("out.txt").exists());
 }

@@ -31,18 +31,36 @@ fn failure_skips_dependents_and_leaves_no_entry() {
     let p = Project::new();
     let out = p.run(FAN);
     assert_eq!(out.ran(), ["a", "other"]);
-    assert_eq!(out.summary.failed, [("bad".to_owned(), "exploded on purpose".to_owned())]);
+    assert_eq!(
+        out.summary.failed,
+        [("bad".to_owned(), "exploded on purpose".to_owned())]
+    );
     assert_eq!(out.summary.skipped, ["after_bad"]);
     assert_eq!(out.summary.exit_code(), 1);
-    let failed = out.events.iter().find(|e| matches!(e, Event::StageFailed { .. })).unwrap();
-    let Event::StageFailed { stage, key, error, .. } = failed else { unreachable!() };
-    assert_eq!((stage.as_str(), error.as_str()), ("bad", "exploded on purpose"));
+    let failed = out
+        .events
+        .iter()
+        .find(|e| matches!(e, Event::StageFailed { .. }))
+        .unwrap();
+    let Event::StageFailed {
+        stage, key, error, ..
+    } = failed
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (stage.as_str(), error.as_str()),
+        ("bad", "exploded on purpose")
+    );
     assert!(key.is_some());
     // The failure is not cached: the next run tries again (and succeeds once fixed).
     let again = p.run(FAN);
     assert_eq!(again.summary.failed.len(), 1);
     assert_eq!(again.cached(), ["a", "other"]);
-    let fixed = FAN.replace("kind = \"test.fail\"\nmessage = \"exploded on purpose\"", "kind = \"test.echo\"");
+    let fixed = FAN.replace(
+        "kind = \"test.fail\"\nmessage = \"exploded on purpose\"",
+        "kind = \"test.echo\"",
+    );
     let out = p.run(&fixed);
     assert_eq!(out.ran(), ["after_bad", "bad"]);
     assert_eq!(out.summary.exit_code(), 0);
@@ -63,5 +81,9 @@ cmd = "cat ${deps}"
 "#,
     );
     assert_eq!(out.summary.failed.len(), 1);
-    assert!(out.summary.failed[0].1.contains("`missing.txt`"), "{:?}", out.summary.failed);
+    assert!(
+        out.summary.failed[0].1.contains("`missing.txt`"),
+        "{:?}",
+        out.summary.failed
+    );
 }

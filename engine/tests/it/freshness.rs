@@ -7,7 +7,14 @@ fn second_run_is_all_hits() {
     let p = Project::new();
     let first = p.run(CHAIN);
     assert_eq!(first.ran(), ["a", "b", "c"]);
-    assert_eq!(first.rerun_lines(), ["[RERUN] a: never run", "[RERUN] b: never run", "[RERUN] c: never run"]);
+    assert_eq!(
+        first.rerun_lines(),
+        [
+            "[RERUN] a: never run",
+            "[RERUN] b: never run",
+            "[RERUN] c: never run"
+        ]
+    );
     assert_eq!(p.value("c"), "p=1\np=2\np=3\n");
     let second = p.run(CHAIN);
     assert!(second.ran().is_empty());
@@ -25,7 +32,10 @@ fn param_edit_reruns_the_downstream_cone_with_reasons() {
     assert_eq!(out.ran(), ["b", "c"]);
     assert_eq!(
         out.rerun_lines(),
-        ["[RERUN] b: param `p` changed (2 → 20)", "[CASCADE] c: input `deps` changed (upstream `b` reran)"]
+        [
+            "[RERUN] b: param `p` changed (2 → 20)",
+            "[CASCADE] c: input `deps` changed (upstream `b` reran)"
+        ]
     );
     assert_eq!(p.value("c"), "p=1\np=20\np=3\n");
 }
@@ -75,7 +85,10 @@ fn seed_and_env_changes_are_reasons() {
     let out = p.run_with(&recipe, &opts);
     let first = &out.rerun_lines()[0];
     assert!(first.starts_with("[RERUN] a: seed changed ("), "{first}");
-    assert!(first.ends_with("; env `PIPELINE_DEVICE` changed (unset → cuda)"), "{first}");
+    assert!(
+        first.ends_with("; env `PIPELINE_DEVICE` changed (unset → cuda)"),
+        "{first}"
+    );
 }
 
 #[test]
@@ -99,7 +112,13 @@ fn selection_uses_cached_upstream_and_refuses_uncached_one() {
     let out = p.run_with(&recipe, &opts);
     assert!(out.ran().is_empty());
     assert_eq!(out.summary.failed.len(), 1, "{:?}", out.summary);
-    assert!(out.summary.failed[0].1.contains("`a` is not cached and not selected"), "{:?}", out.summary.failed);
+    assert!(
+        out.summary.failed[0]
+            .1
+            .contains("`a` is not cached and not selected"),
+        "{:?}",
+        out.summary.failed
+    );
     assert_eq!(out.summary.exit_code(), 1);
     p.run_with(&recipe, &p.options());
     let edited = p.load(&CHAIN.replacen("p = 2", "p = 9", 1), &[]);

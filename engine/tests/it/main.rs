@@ -26,11 +26,18 @@ pub struct Project {
 impl Project {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let opts = CacheOptions { fsync: false, ..CacheOptions::default() };
+        let opts = CacheOptions {
+            fsync: false,
+            ..CacheOptions::default()
+        };
         let cache = Cache::open_with(&dir.path().join(".pipeline"), opts).unwrap();
         let mut registry = engine::builtin_registry();
         engine::testing::register(&mut registry);
-        Self { dir, cache, registry }
+        Self {
+            dir,
+            cache,
+            registry,
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -61,8 +68,12 @@ impl Project {
 
     pub fn run_with(&self, recipe: &Recipe, opts: &RunOptions) -> Outcome {
         let recorder = Arc::new(Recorder::default());
-        let summary = exec::run(recipe, &self.registry, &self.cache, recorder.as_ref(), opts).unwrap();
-        Outcome { summary, events: recorder.events() }
+        let summary =
+            exec::run(recipe, &self.registry, &self.cache, recorder.as_ref(), opts).unwrap();
+        Outcome {
+            summary,
+            events: recorder.events(),
+        }
     }
 
     pub fn run(&self, toml: &str) -> Outcome {
@@ -72,7 +83,14 @@ impl Project {
 
     /// The content of `runs/<experiment>/<stage>/out/value.txt`.
     pub fn value(&self, stage: &str) -> String {
-        std::fs::read_to_string(self.path("runs").join("t").join(stage).join("out").join("value.txt")).unwrap()
+        std::fs::read_to_string(
+            self.path("runs")
+                .join("t")
+                .join(stage)
+                .join("out")
+                .join("value.txt"),
+        )
+        .unwrap()
     }
 }
 
@@ -100,7 +118,12 @@ impl Outcome {
         self.events
             .iter()
             .filter_map(|e| match e {
-                Event::StageStarted { stage, reasons, cascade, .. } => {
+                Event::StageStarted {
+                    stage,
+                    reasons,
+                    cascade,
+                    ..
+                } => {
                     let tag = if *cascade { "CASCADE" } else { "RERUN" };
                     let text: Vec<String> = reasons.iter().map(ToString::to_string).collect();
                     Some(format!("[{tag}] {stage}: {}", text.join("; ")))

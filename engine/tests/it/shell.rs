@@ -27,7 +27,9 @@ fn shell_stages_run_restore_and_cache() {
     let out = p.run(RECIPE);
     assert_eq!(out.ran(), ["s0", "s1"], "{:?}", out.summary);
     assert_eq!(read(&p.path("out/s1.txt")), "seed\nseed\np=1\n");
-    let log = std::fs::read_dir(p.path(".pipeline/v1/entries")).unwrap().count();
+    let log = std::fs::read_dir(p.path(".pipeline/v1/entries"))
+        .unwrap()
+        .count();
     assert_eq!(log, 2);
 
     // Deleted outs come back from the cache on a hit.
@@ -66,8 +68,17 @@ outs = ["never.txt"]
 "#,
     );
     assert_eq!(out.summary.failed.len(), 1);
-    assert!(out.summary.failed[0].1.contains("`never.txt`"), "{:?}", out.summary.failed);
-    assert_eq!(std::fs::read_dir(p.path(".pipeline/v1/entries")).map(|d| d.count()).unwrap_or(0), 0);
+    assert!(
+        out.summary.failed[0].1.contains("`never.txt`"),
+        "{:?}",
+        out.summary.failed
+    );
+    assert_eq!(
+        std::fs::read_dir(p.path(".pipeline/v1/entries"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0
+    );
 }
 
 #[test]
@@ -83,5 +94,10 @@ kind = "shell"
 cmd = "echo to-stderr >&2; exit 3"
 "#,
     );
-    assert_eq!(out.summary.failed[0].1, "command failed with exit status 3 (see the stage log)");
+    let log = p.path("runs/t/s/failed.log");
+    assert_eq!(
+        out.summary.failed[0].1,
+        format!("command failed with exit status 3 (log: {})", log.display())
+    );
+    assert_eq!(read(&log), "to-stderr\n");
 }
