@@ -94,6 +94,24 @@ pub struct BenchReport {
     pub generate_tok_s_b1: f64,
     /// Greedy generation throughput at batch 16.
     pub generate_tok_s_b16: f64,
+    /// The same five measurements in process CPU time (ms, or new tokens per CPU second):
+    /// robust to other jobs on the machine when running single-threaded.
+    pub cpu: CpuTimes,
+}
+
+/// CPU-time versions of the report's measurements.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CpuTimes {
+    /// Forward, CPU ms.
+    pub forward_ms: f64,
+    /// LoRA step, CPU ms.
+    pub lora_step_ms: f64,
+    /// Full step, CPU ms.
+    pub full_step_ms: f64,
+    /// Generation at batch 1, tokens per CPU second.
+    pub generate_tok_s_b1: f64,
+    /// Generation at batch 16, tokens per CPU second.
+    pub generate_tok_s_b16: f64,
 }
 
 fn load(src: &ModelSource) -> Result<Llava> {
@@ -110,16 +128,42 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Times `f` once for warm-up and `steps` more times; the median in milliseconds.
-fn time_ms(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut ts = Vec::with_capacity(steps);
-    for _ in 0..steps {
-        let t = Instant::now();
-        f()?;
-        ts.push(t.elapsed().as_secs_f64() * 1e3);
+/// Process CPU time in milliseconds (all threads). On a shared machine wall time depends
+/// on the neighbours; CPU time of a single-threaded run does not, so both are reported.
+fn cpu_now_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; the clock id is a constant.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return f64::NAN;
     }
-    Ok(median(ts))
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+}
+
+/// Medians of wall and CPU milliseconds.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    wall: f64,
+    cpu: f64,
+}
+
+/// Times `f` once for warm-up and `steps` more times.
+fn time_ms(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    f()?;
+    let (mut wall, mut cpu) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
+    for _ in 0..steps {
+        let (t, c) = (Instant::now(), cpu_now_ms());
+        f()?;
+        wall.push(t.elapsed().as_secs_f64() * 1e3);
+        cpu.push(cpu_now_ms() - c);
+    }
+    Ok(Timing {
+        wall: median(wall),
+        cpu: median(cpu),
+    })
 }
 
 /// A synthetic batch: ids `[b, image + text]` (image tokens first), pixels, loss mask.
@@ -190,7 +234,8 @@ fn adamw(vars: Vec<(String, candle_core::Var)>) -> Result<AdamW> {
     )?)
 }
 
-fn gen_tok_s(model: &Llava, text_len: usize, b: usize, opts: &BenchOptions) -> Result<f64> {
+/// New tokens per wall second and per CPU second.
+fn gen_tok_s(model: &Llava, text_len: usize, b: usize, opts: &BenchOptions) -> Result<(f64, f64)> {
     let data = batch(model, b, text_len, 7)?;
     let g = GenerateOptions {
         max_new_tokens: opts.new_tokens,
@@ -198,10 +243,11 @@ fn gen_tok_s(model: &Llava, text_len: usize, b: usize, opts: &BenchOptions) -> R
         pad_token_id: 0,
         ..GenerateOptions::default()
     };
-    let ms = time_ms(opts.steps.min(3).max(1), || {
+    let t = time_ms(opts.steps.clamp(1, 3), || {
         generate(model, &data.prompts, &g, None).map(|_| ())
     })?;
-    Ok((b * opts.new_tokens) as f64 / (ms / 1e3))
+    let n = (b * opts.new_tokens) as f64;
+    Ok((n / (t.wall / 1e3), n / (t.cpu / 1e3)))
 }
 
 /// Runs every measurement.
@@ -218,25 +264,25 @@ pub fn run(src: &ModelSource, opts: &BenchOptions) -> Result<BenchReport> {
         .map(|id| model.params().get(id).elem_count())
         .sum();
     let data = batch(&model, opts.batch, opts.text_len, 1)?;
-    let forward_ms = time_ms(opts.steps, || {
+    let forward = time_ms(opts.steps, || {
         model
             .forward(&data.ids, Some(&data.pixels), None, None, None)
             .map(|_| ())
     })?;
-    let generate_tok_s_b1 = gen_tok_s(&model, opts.text_len, 1, opts)?;
-    let generate_tok_s_b16 = gen_tok_s(&model, opts.text_len, 16, opts)?;
+    let gen_b1 = gen_tok_s(&model, opts.text_len, 1, opts)?;
+    let gen_b16 = gen_tok_s(&model, opts.text_len, 16, opts)?;
 
     let r = opts.lora_rank;
     model.add_adapter("bench", LoraConfig::language_model(r, 2.0 * r as f64), 0)?;
     let vars = model.trainable_vars(TrainMode::LORA)?;
     let lora_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = adamw(vars)?;
-    let lora_step_ms = time_ms(opts.steps, || train_step(&model, &data, &mut opt))?;
+    let lora = time_ms(opts.steps, || train_step(&model, &data, &mut opt))?;
     drop(model);
 
     let mut full = load(src)?;
     let mut opt = adamw(full.trainable_vars(TrainMode::FULL)?)?;
-    let full_step_ms = time_ms(opts.steps, || train_step(&full, &data, &mut opt))?;
+    let full_step = time_ms(opts.steps, || train_step(&full, &data, &mut opt))?;
 
     let model_name = match src {
         ModelSource::Dir(d) => d.display().to_string(),
@@ -253,11 +299,18 @@ pub fn run(src: &ModelSource, opts: &BenchOptions) -> Result<BenchReport> {
         threads: rayon::current_num_threads(),
         params,
         lora_params,
-        forward_ms,
-        lora_step_ms,
-        full_step_ms,
-        generate_tok_s_b1,
-        generate_tok_s_b16,
+        forward_ms: forward.wall,
+        lora_step_ms: lora.wall,
+        full_step_ms: full_step.wall,
+        generate_tok_s_b1: gen_b1.0,
+        generate_tok_s_b16: gen_b16.0,
+        cpu: CpuTimes {
+            forward_ms: forward.cpu,
+            lora_step_ms: lora.cpu,
+            full_step_ms: full_step.cpu,
+            generate_tok_s_b1: gen_b1.1,
+            generate_tok_s_b16: gen_b16.1,
+        },
     })
 }
 
@@ -283,6 +336,8 @@ mod tests {
             r.full_step_ms,
             r.generate_tok_s_b1,
             r.generate_tok_s_b16,
+            r.cpu.forward_ms,
+            r.cpu.generate_tok_s_b16,
         ] {
             assert!(v.is_finite() && v > 0.0);
         }
