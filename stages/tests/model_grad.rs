@@ -172,3 +172,128 @@ fn lora_dropout_is_seeded_and_only_in_training_mode() {
         "no dropout at inference"
     );
 }
+
+#[test]
+fn lora_gradients_match_torch_on_the_fixture_training_batch() {
+    // expected_train.safetensors: HF forward + shifted CE over labels != -100, autograd
+    // through the PEFT adapter (base frozen). Step 1 uses the adapter as saved.
+    let exp =
+        candle_core::safetensors::load(fixture().join("expected_train.safetensors"), &Device::Cpu)
+            .unwrap();
+    let inp =
+        candle_core::safetensors::load(fixture().join("inputs.safetensors"), &Device::Cpu).unwrap();
+    let mut m = Llava::load(&fixture(), DType::F32, &Device::Cpu).unwrap();
+    m.load_adapter(&fixture().join("adapter"), "default", true)
+        .unwrap();
+    let vars = m.trainable_vars(TrainMode::LORA).unwrap();
+    let ids = &exp["input_ids"];
+    let logits = m
+        .forward(
+            ids,
+            Some(&inp["pixel_values"]),
+            Some(&exp["attention_mask"]),
+            None,
+            None,
+        )
+        .unwrap();
+    let (b, l, v) = logits.dims3().unwrap();
+    let labels = exp["labels"].to_vec2::<i64>().unwrap();
+    let (mut rows, mut targets) = (Vec::new(), Vec::new());
+    for (r, row) in labels.iter().enumerate() {
+        for t in 0..l - 1 {
+            if row[t + 1] != -100 {
+                rows.push((r * l + t) as u32);
+                targets.push(row[t + 1] as u32);
+            }
+        }
+    }
+    assert_eq!(rows.len(), 11);
+    let flat = logits.reshape((b * l, v)).unwrap();
+    let picked = flat
+        .index_select(&Tensor::new(rows.as_slice(), &Device::Cpu).unwrap(), 0)
+        .unwrap();
+    let logp = candle_nn::ops::log_softmax(&picked, D::Minus1).unwrap();
+    let tgt = Tensor::new(targets.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(1)
+        .unwrap();
+    let loss = logp
+        .gather(&tgt, 1)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .neg()
+        .unwrap();
+    let want_loss = exp["step1.loss"].to_vec1::<f32>().unwrap()[0];
+    let got_loss = loss.to_scalar::<f32>().unwrap();
+    assert!(
+        (got_loss - want_loss).abs() < 1e-4 * want_loss.abs().max(1.0),
+        "loss {got_loss} vs {want_loss}"
+    );
+    let grads = loss.backward().unwrap();
+    let var = |key: &str| {
+        &vars
+            .iter()
+            .find(|(n, _)| n == key)
+            .unwrap_or_else(|| panic!("{key}"))
+            .1
+    };
+    let last = m.config().text.num_hidden_layers - 1;
+    for (exp_name, key) in [
+        (
+            "step1.q_proj.lora_A.grad",
+            "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+                .to_owned(),
+        ),
+        (
+            "step1.q_proj.lora_B.grad",
+            "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_B.weight"
+                .to_owned(),
+        ),
+        (
+            "step1.down_proj_last.lora_A.grad",
+            format!(
+                "base_model.model.model.language_model.layers.{last}.mlp.down_proj.lora_A.weight"
+            ),
+        ),
+        (
+            "step1.down_proj_last.lora_B.grad",
+            format!(
+                "base_model.model.model.language_model.layers.{last}.mlp.down_proj.lora_B.weight"
+            ),
+        ),
+    ] {
+        let g = grads.get(var(&key).as_tensor()).unwrap();
+        let w = &exp[exp_name];
+        let gv = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let wv = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = wv.iter().fold(0f32, |a, x| a.max(x.abs()));
+        for (i, (a, b)) in gv.iter().zip(&wv).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-3 * b.abs() + 1e-5 * scale,
+                "{exp_name}[{i}]: {a} vs {b}"
+            );
+        }
+    }
+    // Global grad norm over all LoRA grads.
+    let mut sq = 0f64;
+    for (_, v) in &vars {
+        sq += f64::from(
+            grads
+                .get(v.as_tensor())
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+        );
+    }
+    let want_norm = exp["step1.grad_global_norm"].to_vec1::<f32>().unwrap()[0];
+    assert!(
+        (sq.sqrt() as f32 - want_norm).abs() < 1e-3 * want_norm,
+        "grad norm {} vs {want_norm}",
+        sq.sqrt()
+    );
+}
