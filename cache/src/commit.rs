@@ -17,7 +17,7 @@
 //! one, `lookup` finds the object missing and reports a miss, which is sound.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -248,20 +248,40 @@ impl Cache {
             // A wrong-size object is corrupt; replace it.
             let _ = fs::remove_file(&obj);
         }
-        fs::set_permissions(&w.abs, fs::Permissions::from_mode(0o444))
-            .map_err(|e| self.io(&w.abs, "cannot chmod", e))?;
+        // A staged file with other hard links (e.g. a shell stage that ran `ln data out/`)
+        // shares its inode with a file outside the cache: moving and chmod'ing it would
+        // change the user's file, and the user's later edits would corrupt the object. It
+        // is copied instead, and the copy re-hashed, since the original may have changed.
+        let shared = w.meta.as_ref().is_some_and(|m| m.nlink() > 1);
+        let src = if shared {
+            let copy = self.v.join("tmp").join(fsutil::unique_name("obj"));
+            fs::copy(&w.abs, &copy).map_err(|e| self.io(&copy, "cannot copy to", e))?;
+            if hash::hash_file(&copy)?.0 != digest {
+                let _ = fs::remove_file(&copy);
+                return Err(Error::Io {
+                    what: "output file changed while it was being committed:",
+                    path: w.abs.clone(),
+                    source: std::io::Error::other("content differs from its hash"),
+                });
+            }
+            copy
+        } else {
+            w.abs.clone()
+        };
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o444))
+            .map_err(|e| self.io(&src, "cannot chmod", e))?;
         if self.opts.fsync {
-            fs::File::open(&w.abs)
+            fs::File::open(&src)
                 .and_then(|f| f.sync_all())
-                .map_err(|e| self.io(&w.abs, "cannot sync", e))?;
+                .map_err(|e| self.io(&src, "cannot sync", e))?;
         }
         let parent = obj.parent().expect("objects have a fan-out parent");
-        if let Err(e) = fs::rename(&w.abs, &obj) {
+        if let Err(e) = fs::rename(&src, &obj) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 return Err(self.io(&obj, "cannot move object to", e));
             }
             fsutil::mkdirs(&self.root, parent)?;
-            fs::rename(&w.abs, &obj).map_err(|e| self.io(&obj, "cannot move object to", e))?;
+            fs::rename(&src, &obj).map_err(|e| self.io(&obj, "cannot move object to", e))?;
         }
         // We hashed these bytes ourselves a moment ago: materializing them in this process
         // needs no second hash.

@@ -247,3 +247,30 @@ fn cache_is_shareable_and_concurrent_materialize_agrees() {
         "losing builders clean up"
     );
 }
+
+#[test]
+fn hard_linked_outputs_leave_the_users_file_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let c = open(&t.path().join("c"));
+    let user = t.path().join("user-data.txt");
+    fs::write(&user, b"user bytes").unwrap();
+    let mode_before = fs::metadata(&user).unwrap().permissions().mode();
+    let s = c.stage_dir(&key("k"), &["out"]).unwrap();
+    fs::hard_link(&user, s.output("out").join("data.txt")).unwrap();
+    let e = c.commit(s, meta("s")).unwrap();
+    assert_eq!(
+        fs::metadata(&user).unwrap().permissions().mode(),
+        mode_before,
+        "user's file was chmod'ed"
+    );
+    // Editing the user's file afterwards must not touch the cached copy.
+    fs::write(&user, b"edited!!!!").unwrap();
+    let dir = c
+        .materialize(&c.lookup(&key("k")).unwrap().unwrap(), "out")
+        .unwrap();
+    assert_eq!(fs::read(dir.join("data.txt")).unwrap(), b"user bytes");
+    assert_eq!(
+        e.output_digest("out"),
+        Some(hash_tree(&dir).unwrap().digest)
+    );
+}
