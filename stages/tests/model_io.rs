@@ -414,3 +414,30 @@ fn presets_build_random_models() {
     );
     assert_eq!(a.dims(), [1, ids.dim(1).unwrap(), 1024]);
 }
+
+#[test]
+fn half_precision_models_run_close_to_f32() {
+    let (ids, pv) = small_batch();
+    let want = Llava::load(&fixture(), DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward(&ids, Some(&pv), None, None, None)
+        .unwrap();
+    for dt in [DType::F16, DType::BF16] {
+        let m = Llava::load(&fixture(), dt, &Device::Cpu).unwrap();
+        let got = m.forward(&ids, Some(&pv), None, None, None).unwrap();
+        assert_eq!(got.dtype(), dt);
+        let d = max_diff(&got.to_dtype(DType::F32).unwrap(), &want);
+        // |logits| ≤ 3.5 here; bf16 keeps 8 mantissa bits, f16 11.
+        assert!(
+            d.is_finite() && d < if dt == DType::F16 { 0.05 } else { 0.3 },
+            "{dt:?}: max |Δ| {d}"
+        );
+    }
+}
+
+#[test]
+fn llava_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Llava>();
+    assert_send_sync::<stages::model::KvCache>();
+}
