@@ -179,3 +179,19 @@ fn until_stops_after_the_stage() {
         ["s0000".to_owned(), "s0001".to_owned()].into()
     );
 }
+
+#[test]
+fn recipe_named_relative_to_the_current_directory() {
+    // `pipeline run recipe.toml` from the recipe's own directory: the recipe directory is
+    // then the empty path, which must mean `.` (commands run there, outs restored there).
+    let (p, _) = Project::with_shape(Shape::Chain, 2, &RecipeOpts::default());
+    let mut c = p.cmd(&["--json", "run", "recipe.toml"]);
+    c.current_dir(p.proj());
+    let r = crate::common::run_cmd(c);
+    r.ok();
+    assert_eq!(r.set_of("stage-finished").len(), 2);
+    assert!(
+        p.proj().join("out/s0001.txt").is_file(),
+        "outs must land next to the recipe"
+    );
+}
