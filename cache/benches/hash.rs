@@ -10,24 +10,15 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 const TOTAL: usize = 64 << 20;
 
 fn make_tree(dir: &Path, file_size: usize) {
-    std::fs::create_dir_all(dir).unwrap();
     let mut block = vec![0u8; file_size];
     for i in 0..TOTAL / file_size {
         for (j, b) in block.iter_mut().enumerate().step_by(4096) {
             *b = (i ^ j) as u8;
         }
-        std::fs::write(
-            dir.join(format!("{:03}/{i:06}", i % 100))
-                .as_path()
-                .parent()
-                .map(|p| {
-                    std::fs::create_dir_all(p).unwrap();
-                    dir.join(format!("{:03}/{i:06}", i % 100))
-                })
-                .unwrap(),
-            &block,
-        )
-        .unwrap();
+        // 100 subdirectories, as a dataset of many images would have.
+        let sub = dir.join(format!("{:03}", i % 100));
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join(format!("{i:06}")), &block).unwrap();
     }
 }
 

@@ -156,3 +156,22 @@ fn garbage_manifest_is_a_miss() {
         Lookup::Miss(MissReason::BadManifest { .. })
     ));
 }
+
+#[test]
+fn paranoid_reverifies_a_tree_already_checked_in_this_process() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("c");
+    let opts = cache::CacheOptions {
+        paranoid: true,
+        fsync: false,
+        ..Default::default()
+    };
+    let c = cache::Cache::open_with(&root, opts).unwrap();
+    let k = key("k");
+    let e = commit_files(&c, &k, &[("a", b"0123456789")]);
+    let dir = c.materialize(&e, "out").unwrap();
+    flip_bit(&dir.join("a"));
+    let err = c.materialize(&e, "out").unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    assert!(c.lookup(&k).unwrap().is_none());
+}
