@@ -27,7 +27,7 @@ use super::Ctx;
 use super::error::{Label, did_you_mean, one_of};
 use super::load::Doc;
 use super::value::{Loc, Node, Table, V, scalar_text};
-use crate::stage::{ArtifactType, ParamType, Registry, Resources, StageKind};
+use crate::stage::{ArtifactType, ParamSpec, ParamType, Registry, Resources, StageKind};
 
 pub(crate) const RESERVED: [&str; 7] = [
     "kind",
@@ -460,7 +460,15 @@ fn expand_stage(
     };
     // With an unknown kind there is no schema: its parameters are not checked, since every
     // one of them would look unknown and bury the real problem.
-    let specs = kind.as_ref().map(|k| k.params()).unwrap_or_default();
+    // Schemas are built once per kind, not once per stage.
+    let specs: Arc<Vec<ParamSpec>> = match &kind {
+        Some(k) => Arc::clone(
+            ctx.specs
+                .entry(k.kind())
+                .or_insert_with(|| Arc::new(k.params())),
+        ),
+        None => Arc::default(),
+    };
     if let Some(V::Table(dims)) = matrix.map(|m| &m.val.v) {
         for d in dims.iter() {
             if let Some(e) = t
@@ -533,7 +541,13 @@ fn expand_stage(
             }
             p.ok = super::params::check_params(&mut p, t, &specs, &el.subs, &set, ctx);
             p.resources = if p.ok {
-                k.resources(&Value::Object(p.params.clone()))
+                // Lend the params to the kind as a JSON object without copying them.
+                let params = Value::Object(std::mem::take(&mut p.params));
+                let r = k.resources(&params);
+                if let Value::Object(m) = params {
+                    p.params = m;
+                }
+                r
             } else {
                 Resources::default()
             };

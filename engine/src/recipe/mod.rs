@@ -158,6 +158,8 @@ pub(crate) struct Ctx {
     sources: Sources,
     diags: Diags,
     files: Vec<PathBuf>,
+    /// Parameter schemas by kind, built once per kind.
+    specs: std::collections::HashMap<&'static str, std::sync::Arc<Vec<crate::stage::ParamSpec>>>,
 }
 
 impl Ctx {

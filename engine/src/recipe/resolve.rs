@@ -62,12 +62,16 @@ pub(crate) fn resolve(expanded: Expanded, ctx: &mut Ctx) -> Vec<StageNode> {
         }
     }
     let outputs: Vec<Option<Vec<OutputSpec>>> = pending
-        .iter()
+        .iter_mut()
         .map(|p| {
-            p.kind
-                .as_ref()
-                .filter(|_| p.ok)
-                .map(|k| k.outputs(&Value::Object(p.params.clone())))
+            let kind = p.kind.as_ref().filter(|_| p.ok)?;
+            // Lend the params to the kind as a JSON object without copying them.
+            let params = Value::Object(std::mem::take(&mut p.params));
+            let outs = kind.outputs(&params);
+            if let Value::Object(m) = params {
+                p.params = m;
+            }
+            Some(outs)
         })
         .collect();
     let r = Resolver {

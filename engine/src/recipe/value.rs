@@ -89,40 +89,66 @@ pub(crate) struct Entry {
     pub val: Node,
 }
 
-/// An ordered table with a name index.
+/// An ordered table. Lookups scan small tables and use a name index once a table grows
+/// (the `stages` table of a generated recipe can hold 10,000 entries, while each stage's own
+/// table has a handful, and an index per stage would cost more than it saves).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Table {
     entries: Vec<Entry>,
-    index: HashMap<String, usize>,
+    index: Option<HashMap<String, usize>>,
 }
 
+/// Tables up to this size are scanned.
+const SCAN: usize = 16;
+
 impl Table {
+    fn position(&self, key: &str) -> Option<usize> {
+        match &self.index {
+            Some(index) => index.get(key).copied(),
+            None => self.entries.iter().position(|e| e.key == key),
+        }
+    }
+
     pub(crate) fn get(&self, key: &str) -> Option<&Entry> {
-        self.index.get(key).map(|&i| &self.entries[i])
+        self.position(key).map(|i| &self.entries[i])
     }
 
     pub(crate) fn get_mut(&mut self, key: &str) -> Option<&mut Entry> {
-        self.index.get(key).map(|&i| &mut self.entries[i])
+        self.position(key).map(|i| &mut self.entries[i])
     }
 
     /// Insert or replace (a replaced entry keeps its position: overriding a stage in a child
     /// recipe must not reorder the stages).
     pub(crate) fn insert(&mut self, entry: Entry) {
-        if let Some(&i) = self.index.get(&entry.key) {
+        if let Some(i) = self.position(&entry.key) {
             self.entries[i] = entry;
-        } else {
-            self.index.insert(entry.key.clone(), self.entries.len());
-            self.entries.push(entry);
+            return;
+        }
+        if let Some(index) = &mut self.index {
+            index.insert(entry.key.clone(), self.entries.len());
+        }
+        self.entries.push(entry);
+        if self.index.is_none() && self.entries.len() > SCAN {
+            self.index = Some(
+                self.entries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (e.key.clone(), i))
+                    .collect(),
+            );
         }
     }
 
     /// Remove a key, keeping the order of the others.
     pub(crate) fn remove(&mut self, key: &str) -> Option<Entry> {
-        let i = self.index.remove(key)?;
+        let i = self.position(key)?;
         let e = self.entries.remove(i);
-        for j in self.index.values_mut() {
-            if *j > i {
-                *j -= 1;
+        if let Some(index) = &mut self.index {
+            index.remove(key);
+            for j in index.values_mut() {
+                if *j > i {
+                    *j -= 1;
+                }
             }
         }
         Some(e)
