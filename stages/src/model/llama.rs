@@ -87,6 +87,15 @@ impl KvCache {
     }
 }
 
+/// Where the tokens of one forward sit: the additive mask `[b, 1, s, t]` (`None` = attend
+/// to everything) and the RoPE tables `cos`, `sin` `[b, s, head_dim]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Positions<'a> {
+    pub(crate) mask: Option<&'a Tensor>,
+    pub(crate) cos: &'a Tensor,
+    pub(crate) sin: &'a Tensor,
+}
+
 struct LlamaLayer {
     input_ln: ParamId,
     post_ln: ParamId,
@@ -166,18 +175,16 @@ impl Llama {
     }
 
     /// Runs the decoder on `x: [b, s, d]`, returning the final-norm hidden states.
-    /// `mask` is additive `[b, 1, s, t]` (or `None` = attend to everything); `cos`, `sin`
-    /// are `[b, s, head_dim]`. `capture` receives each layer's output when given.
+    /// `capture` receives each layer's output when given.
     pub(crate) fn forward(
         &self,
         mut x: Tensor,
-        mask: Option<&Tensor>,
-        cos: &Tensor,
-        sin: &Tensor,
+        at: &Positions<'_>,
         mut cache: Option<&mut KvCache>,
         cx: &Ctx<'_>,
         mut capture: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
+        let Positions { mask, cos, sin } = *at;
         let c = &self.cfg;
         let (b, s, _) = x.dims3()?;
         let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);

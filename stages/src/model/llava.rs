@@ -28,7 +28,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::clip::{ClipVision, Projector, select};
 use super::config::{FeatureSelect, LlavaConfig};
 use super::linear::{Ctx, DropoutKey, LinearInfo};
-use super::llama::{KvCache, Llama, additive_mask, rope_tables};
+use super::llama::{KvCache, Llama, Positions, additive_mask, rope_tables};
 use super::lora::Adapter;
 use super::weights::{Builder, Checkpoint, ParamStore, Source, save_safetensors, write_atomic};
 use super::{ModelError, Result};
@@ -516,9 +516,17 @@ impl Llava {
                 &self.device,
             )?)
         };
-        Ok(self
-            .lm
-            .forward(embeds, mask.as_ref(), &cos, &sin, cache, cx, capture)?)
+        Ok(self.lm.forward(
+            embeds,
+            &Positions {
+                mask: mask.as_ref(),
+                cos: &cos,
+                sin: &sin,
+            },
+            cache,
+            cx,
+            capture,
+        )?)
     }
 
     /// Freezes every parameter, then turns the group `mode` selects into variables (named
