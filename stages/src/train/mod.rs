@@ -33,6 +33,7 @@
 pub mod checkpoint;
 pub mod loss;
 pub mod optim;
+pub mod reglora;
 pub mod schedule;
 pub mod trainer;
 
