@@ -171,6 +171,16 @@ fn infer_qtype(question: &str, answer: &str) -> String {
     words.join(" ")
 }
 
+/// Words too common to say a fact is relevant.
+const STOPWORDS: [&str; 14] = [
+    "", "a", "an", "the", "is", "are", "of", "in", "to", "and", "this", "what", "there", "image",
+];
+
+fn normalize_word(w: &str) -> String {
+    w.trim_matches(|c: char| !c.is_alphanumeric())
+        .to_lowercase()
+}
+
 fn word_count(s: &str) -> usize {
     s.split_whitespace().count()
 }
@@ -200,8 +210,22 @@ fn explained_answer(
     let mut parts: Vec<String> = vec![head];
     let max = target + target / 4;
     let short = format!("So the answer is {answer}.");
+    // Most relevant facts first (sharing words with the question and answer), random among
+    // equals, so a short explanation keeps the fact that actually supports the answer.
     let mut facts: Vec<&String> = facts.iter().collect();
     facts.shuffle(rng);
+    let key: BTreeSet<String> = format!("{question} {answer}")
+        .split_whitespace()
+        .map(normalize_word)
+        .filter(|w| !STOPWORDS.contains(&w.as_str()))
+        .collect();
+    facts.sort_by_key(|f| {
+        std::cmp::Reverse(
+            f.split_whitespace()
+                .filter(|w| key.contains(&normalize_word(w)))
+                .count(),
+        )
+    });
     for f in facts {
         if n + word_count(f) + word_count(&short) <= max {
             n += word_count(f);
@@ -244,7 +268,7 @@ fn pools(qas: &[Qa]) -> BTreeMap<&str, Vec<&str>> {
 }
 
 /// Up to `k` wrong answers: the question's own other options (MCQ-native tasks), else other
-/// answers of the same question type, topped up from the whole task when that type has too few.
+/// answers of the same question type; the whole task's answers when that type has none.
 fn distractors<'a>(
     rng: &mut StdRng,
     qa: &'a Qa,
@@ -265,14 +289,16 @@ fn distractors<'a>(
     cands.dedup();
     cands.shuffle(rng);
     cands.truncate(k);
-    if cands.len() < k {
+    // Other types' answers are obviously wrong options, so they only fill in when the type
+    // offers no distractor at all.
+    if cands.is_empty() && k > 0 {
         let mut more: Vec<&str> = task_pool
             .iter()
             .copied()
             .filter(|o| !same(o) && !cands.contains(o))
             .collect();
         more.shuffle(rng);
-        cands.extend(more.into_iter().take(k - cands.len()));
+        cands.extend(more.into_iter().take(k));
     }
     cands
 }
