@@ -155,6 +155,8 @@ impl Cache {
         let path = self.lock_path(key);
         let start = Instant::now();
         let mut poll = Duration::from_millis(5);
+        // The holder whose lease we broke, reported on the guard we then get.
+        let mut broken: Option<LockHolder> = None;
         loop {
             if let Some(e) = self.lookup(key)? {
                 return Ok(LockOutcome::Hit(Box::new(e)));
@@ -177,7 +179,7 @@ impl Cache {
                     }
                     // A record left in an unlocked file is a holder that died without
                     // releasing (or a leaked lease we were told to break).
-                    let broke = read_holder(&mut file);
+                    let broke = read_holder(&mut file).or(broken.take());
                     let guard = self.start_lease(file, path.clone(), ino, broke)?;
                     if let Some(e) = self.lookup(key)? {
                         return Ok(LockOutcome::Hit(Box::new(e)));
@@ -195,6 +197,7 @@ impl Cache {
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_millis() as u64);
             if self.is_stale(holder.as_ref(), mtime_ms) && self.break_lease(&path, &file)? {
+                broken = holder;
                 continue;
             }
             let waited = start.elapsed();

@@ -152,6 +152,7 @@ fn lease_of_a_killed_process_is_broken() {
         panic!("must acquire")
     };
     assert!(!g.lost());
+    assert_eq!(g.broke_stale().map(|h| h.pid), Some(pid));
     drop(g);
     drop(leaked);
 }
