@@ -305,6 +305,30 @@ mod tests {
         assert_ne!(a.finish(), b.finish());
     }
 
+    proptest::proptest! {
+        /// Any permutation of an object's keys hashes the same; any change of a value does not.
+        #[test]
+        fn permutations_agree_and_edits_differ(
+            entries in proptest::collection::btree_map("[a-z]{1,6}", -1000i64..1000, 1..12),
+            seed in 0usize..1000,
+        ) {
+            let forward: serde_json::Map<String, serde_json::Value> =
+                entries.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            let mut pairs: Vec<(&String, &i64)> = entries.iter().collect();
+            let n = pairs.len();
+            pairs.rotate_left(seed % n);
+            pairs.reverse();
+            let shuffled: serde_json::Map<String, serde_json::Value> =
+                pairs.iter().map(|(k, v)| ((*k).clone(), json!(v))).collect();
+            let a = serde_json::Value::Object(forward);
+            proptest::prop_assert_eq!(digest(&a), digest(&serde_json::Value::Object(shuffled)));
+            let mut edited = a.clone();
+            let first = entries.keys().next().cloned().unwrap_or_default();
+            edited[&first] = json!(entries[&first] + 1);
+            proptest::prop_assert_ne!(digest(&a), digest(&edited));
+        }
+    }
+
     /// The encoding is part of the on-disk format: a change here invalidates every cache.
     /// If this test fails, bump `KEY_SCHEMA` and update the expected value.
     #[test]
