@@ -177,10 +177,10 @@ pub(super) fn naive_attention(
                 let mx = sc.iter().cloned().fold(f32::MIN, f32::max);
                 sc.iter_mut().for_each(|x| *x = (*x - mx).exp());
                 let z: f32 = sc.iter().sum();
-                for j in 0..t {
+                for (j, p) in sc.iter().enumerate() {
                     let vo = ((bi * hkv + kh) * t + j) * d;
                     for e in 0..d {
-                        out[qo + e] += sc[j] / z * vv[vo + e];
+                        out[qo + e] += p / z * vv[vo + e];
                     }
                 }
             }

@@ -97,7 +97,7 @@ fn fused_silu_and_log_softmax_match_reference() {
     let x = (randn(&[3, 4, 40], 34) * 5.0).unwrap();
     check(
         "silu",
-        &[x.clone()],
+        std::slice::from_ref(&x),
         |t| silu(&t[0]).unwrap(),
         |t| reference::silu(&t[0]).unwrap(),
     );
@@ -276,7 +276,7 @@ fn frozen_linear_and_lora_match_reference_and_skip_base_grads() {
     );
     check(
         "frozen linear",
-        &[x.clone()],
+        std::slice::from_ref(&x),
         |t| linear(&t[0], &w, Some(&b)).unwrap(),
         |t| reference::linear(&t[0], &w, Some(&b)).unwrap(),
     );
