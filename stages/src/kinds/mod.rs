@@ -4,10 +4,13 @@
 //! only lists them, so that adding a kind is one line here plus its module.
 
 pub mod coin_data;
+pub mod sft;
+pub mod train_kinds;
 
 use engine::stage::Registry;
 
 /// Register every ML stage kind.
 pub fn register_all(registry: &mut Registry) {
     coin_data::register(registry);
+    train_kinds::register(registry);
 }

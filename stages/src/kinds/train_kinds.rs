@@ -1,0 +1,690 @@
+//! Model-building and training kinds: `tokenizer.train`, `train.pretrain`, `train.lora`.
+//!
+//! - `tokenizer.train` learns the tiny preset's BPE on every text of a CoIN dataset artifact
+//!   (training conversations, test questions and answers, pretraining captions), in file order,
+//!   so the vocabulary is a function of the data alone.
+//! - `train.pretrain` builds a model from a preset with random weights seeded by `ctx.seed`
+//!   (vocabulary and special ids taken from the tokenizer) and trains every parameter (vision
+//!   tower, projector, decoder) on the dataset's captioning split and optionally task splits.
+//! - `train.lora` attaches a fresh LoRA to a base model, trains it (plus the projector in its
+//!   own lr group, as SEFE does) on one task's training file, saves the adapter in PEFT layout
+//!   and the merged model. With `reglora` set it adds RegLoRA's penalty
+//!   ([`crate::train::reglora`]) at the key elements that the base model carries in
+//!   `reglora_key_elements.safetensors` (written by the previous `train.lora` with `reglora`)
+//!   and writes the accumulated set (this task's top entries, then the earlier ones) into its
+//!   own merged model. Carrying the set inside the model directory is what lets `chain = true`
+//!   (which only passes the previous stage's default output) wire RegLoRA across tasks; the
+//!   set is also its own output, `key_elements`, for inspection.
+//!
+//! Every model output is self-contained (weights, `config.json`, `tokenizer.json`,
+//! `preprocessor_config.json`) and carries `train_log.json`, the per-step losses. Training
+//! resumes from `ctx.checkpoint_dir` after an interruption with identical output bytes.
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use engine::stage::{
+    ArtifactType, OutputSpec, ParamSpec, ParamType, Registry, Resources, StageCtx, StageError,
+    StageKind,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::sft::{
+    LoopParams, Sft, SftSet, load_records, run_training, template, train_err, write_model_dir,
+};
+use crate::data::coin::{DatasetInfo, read_test, read_train};
+use crate::model::image::ImageProcessorConfig;
+use crate::model::lora::TargetModules;
+use crate::model::tokenizer::{BpeTrainingConfig, LlavaTokenizer};
+use crate::model::{Llava, LoraConfig, TrainMode, preset};
+use crate::train::ParamGroup;
+use crate::train::reglora::{KeyElements, RegLoraPenalty};
+
+/// File name of the accumulated RegLoRA key elements inside a model directory.
+pub const KEY_ELEMENTS_FILE: &str = "reglora_key_elements.safetensors";
+
+/// Register the training kinds.
+pub fn register(registry: &mut Registry) {
+    registry.register(TokenizerTrain);
+    registry.register(Pretrain);
+    registry.register(LoraTrain);
+}
+
+fn spec(name: &'static str, ty: ParamType, default: Option<Value>, doc: &'static str) -> ParamSpec {
+    ParamSpec {
+        name,
+        ty,
+        default,
+        doc,
+    }
+}
+
+fn other(e: impl std::fmt::Display) -> StageError {
+    StageError::Input(e.to_string())
+}
+
+/// The optimization parameters shared by both training kinds, with per-kind defaults.
+fn loop_specs(steps: i64, batch: i64, every: i64) -> Vec<ParamSpec> {
+    vec![
+        spec(
+            "steps",
+            ParamType::Int,
+            Some(json!(steps)),
+            "optimizer steps (0: derive from `epochs`)",
+        ),
+        spec(
+            "epochs",
+            ParamType::Float,
+            Some(json!(1.0)),
+            "passes over the data when `steps` = 0",
+        ),
+        spec(
+            "batch_size",
+            ParamType::Int,
+            Some(json!(batch)),
+            "examples per micro-batch",
+        ),
+        spec(
+            "grad_accum",
+            ParamType::Int,
+            Some(json!(1)),
+            "micro-batches per optimizer step",
+        ),
+        spec(
+            "warmup_ratio",
+            ParamType::Float,
+            Some(json!(0.03)),
+            "linear warmup fraction before the cosine decay",
+        ),
+        spec(
+            "weight_decay",
+            ParamType::Float,
+            Some(json!(0.0)),
+            "AdamW weight decay",
+        ),
+        spec(
+            "max_grad_norm",
+            ParamType::Float,
+            Some(json!(1.0)),
+            "global gradient-norm clip (0: off)",
+        ),
+        spec(
+            "checkpoint_every",
+            ParamType::Int,
+            Some(json!(every)),
+            "checkpoint period in steps, for resume (0: never)",
+        ),
+    ]
+}
+
+fn cpu_resources() -> Resources {
+    Resources {
+        cpus: 1,
+        memory_mb: 2048,
+        ..Resources::default()
+    }
+}
+
+/// `tokenizer.train`.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenizerTrain;
+
+#[derive(Deserialize)]
+struct TokParams {
+    vocab_size: i64,
+    min_frequency: i64,
+}
+
+/// Every text of the dataset in a fixed order: per task the training turns, then the test
+/// questions and answers; then the pretraining captions (and their prompts).
+fn corpus(dir: &Path, info: &DatasetInfo) -> Result<Vec<String>, StageError> {
+    let mut out = Vec::new();
+    for t in &info.tasks {
+        for r in read_train(&dir.join(&t.train))? {
+            out.extend(
+                r.conversations
+                    .into_iter()
+                    .map(|c| c.value.replace("<image>", "")),
+            );
+        }
+        for r in read_test(&dir.join(&t.test))? {
+            out.push(r.text);
+            out.extend(r.answer);
+        }
+    }
+    if let Some(p) = &info.pretrain {
+        for r in read_train(&dir.join(&p.file))? {
+            out.extend(
+                r.conversations
+                    .into_iter()
+                    .map(|c| c.value.replace("<image>", "")),
+            );
+        }
+    }
+    Ok(out)
+}
+
+impl StageKind for TokenizerTrain {
+    fn kind(&self) -> &'static str {
+        "tokenizer.train"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "Train the tiny model's byte-fallback-free BPE tokenizer (Llama-style specials, `<image>` and \
+         `<pad>` last) on every text of a CoIN dataset; output holds `tokenizer.json`."
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![
+            spec(
+                "data",
+                ParamType::Ref(ArtifactType::Dataset),
+                None,
+                "CoIN dataset artifact",
+            ),
+            spec(
+                "vocab_size",
+                ParamType::Int,
+                Some(json!(1024)),
+                "total vocabulary, specials included",
+            ),
+            spec(
+                "min_frequency",
+                ParamType::Int,
+                Some(json!(2)),
+                "minimum pair count for a merge",
+            ),
+        ]
+    }
+    fn outputs(&self, _: &Value) -> Vec<OutputSpec> {
+        vec![OutputSpec {
+            name: "tokenizer",
+            ty: ArtifactType::Tokenizer,
+            doc: "`tokenizer.json` (Hugging Face format)",
+        }]
+    }
+    fn run(&self, ctx: &mut StageCtx<'_>) -> Result<(), StageError> {
+        let p: TokParams = ctx.params()?;
+        let dir = ctx.input("data")?.to_path_buf();
+        let info = DatasetInfo::load(&dir)?;
+        let text = corpus(&dir, &info)?;
+        let cfg = BpeTrainingConfig {
+            vocab_size: usize::try_from(p.vocab_size).map_err(|_| {
+                StageError::Input(format!(
+                    "parameter `vocab_size` = {} is negative",
+                    p.vocab_size
+                ))
+            })?,
+            min_frequency: u64::try_from(p.min_frequency).map_err(|_| {
+                StageError::Input(format!(
+                    "parameter `min_frequency` = {} is negative",
+                    p.min_frequency
+                ))
+            })?,
+        };
+        let tok = LlavaTokenizer::train_bpe(text.iter(), &cfg).map_err(other)?;
+        let path = ctx.output("tokenizer").join("tokenizer.json");
+        tok.save(&path).map_err(other)?;
+        let _ = writeln!(
+            ctx.log,
+            "trained on {} texts: {} ids (<image> {}, <pad> {})",
+            text.len(),
+            tok.vocab_size(),
+            tok.image_id,
+            tok.pad_id
+        );
+        Ok(())
+    }
+}
+
+/// `train.pretrain`.
+#[derive(Debug, Clone, Copy)]
+pub struct Pretrain;
+
+#[derive(Deserialize)]
+struct PretrainParams {
+    data: String,
+    tokenizer: String,
+    model: serde_json::Map<String, Value>,
+    splits: Vec<String>,
+    lr: f64,
+    weight_decay: f64,
+    #[serde(flatten)]
+    lp: LoopParams,
+}
+
+fn model_preset(table: &serde_json::Map<String, Value>) -> Result<String, StageError> {
+    for k in table.keys() {
+        if k != "preset" {
+            return Err(StageError::Input(format!(
+                "parameter `model`: unknown key `{k}` (expected `preset`, one of {:?})",
+                preset::PRESETS
+            )));
+        }
+    }
+    match table.get("preset") {
+        Some(Value::String(s)) => Ok(s.clone()),
+        _ => Err(StageError::Input(format!(
+            "parameter `model`: expected {{ preset = \"...\" }} with one of {:?}",
+            preset::PRESETS
+        ))),
+    }
+}
+
+/// The annotation file of split `name`: `pretrain` or a task name.
+fn split_file(dir: &Path, info: &DatasetInfo, name: &str) -> Result<String, StageError> {
+    if name == "pretrain" {
+        return info
+            .pretrain
+            .as_ref()
+            .map(|p| p.file.clone())
+            .ok_or_else(|| {
+                StageError::Input(format!(
+                    "{}: the dataset has no `pretrain` split",
+                    dir.join("dataset.json").display()
+                ))
+            });
+    }
+    info.task(name).map(|t| t.train.clone()).ok_or_else(|| {
+        let names: Vec<&str> = info.tasks.iter().map(|t| t.name.as_str()).collect();
+        StageError::Input(format!(
+            "{}: no split `{name}` (have `pretrain` and tasks {names:?})",
+            dir.join("dataset.json").display()
+        ))
+    })
+}
+
+impl StageKind for Pretrain {
+    fn kind(&self) -> &'static str {
+        "train.pretrain"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "Build a model from a preset with random weights (seeded), sized to the tokenizer, and train \
+         every parameter (vision tower, projector, decoder) with AdamW and a warmup+cosine schedule on \
+         the dataset's splits; writes a Hugging Face model directory. Resumable."
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        let mut v = vec![
+            spec(
+                "data",
+                ParamType::Ref(ArtifactType::Dataset),
+                None,
+                "CoIN dataset artifact",
+            ),
+            spec(
+                "tokenizer",
+                ParamType::Ref(ArtifactType::Tokenizer),
+                None,
+                "tokenizer (from `tokenizer.train`)",
+            ),
+            spec(
+                "model",
+                ParamType::Table,
+                Some(json!({"preset": "llava-tiny"})),
+                "architecture: { preset = \"llava-tiny\" }",
+            ),
+            spec(
+                "splits",
+                ParamType::List(Box::new(ParamType::Str)),
+                Some(json!(["pretrain"])),
+                "training splits: `pretrain` (captions) and/or task names",
+            ),
+            spec(
+                "lr",
+                ParamType::Float,
+                Some(json!(1e-3)),
+                "peak learning rate",
+            ),
+        ];
+        v.extend(loop_specs(0, 8, 20));
+        v
+    }
+    fn outputs(&self, _: &Value) -> Vec<OutputSpec> {
+        vec![OutputSpec {
+            name: "model",
+            ty: ArtifactType::Model,
+            doc: "HF model dir: config.json, model.safetensors, tokenizer.json, preprocessor_config.json, train_log.json",
+        }]
+    }
+    fn resources(&self, _: &Value) -> Resources {
+        cpu_resources()
+    }
+    fn run(&self, ctx: &mut StageCtx<'_>) -> Result<(), StageError> {
+        crate::model::configure_cpu_runtime();
+        let p: PretrainParams = ctx.params()?;
+        let (data, tok_dir) = (
+            Path::new(&p.data).to_path_buf(),
+            Path::new(&p.tokenizer).to_path_buf(),
+        );
+        let info = DatasetInfo::load(&data)?;
+        let tok = LlavaTokenizer::load(&tok_dir).map_err(other)?;
+        let name = model_preset(&p.model)?;
+        let mut cfg = preset::preset(&name).map_err(other)?;
+        cfg.text.vocab_size = tok.vocab_size();
+        cfg.image_token_index = tok.image_id;
+        cfg.text.bos_token_id = Some(tok.bos_id);
+        cfg.text.eos_token_id = Some(tok.eos_id);
+        cfg.text.pad_token_id = Some(tok.pad_id);
+        let mut model =
+            Llava::from_config_random(cfg, ctx.seed, DType::F32, &Device::Cpu).map_err(other)?;
+        let tpl = template(&model);
+        let max_len = model.config().text.max_position_embeddings;
+        let mut set = SftSet {
+            examples: Vec::new(),
+            images: Vec::new(),
+        };
+        for s in &p.splits {
+            let file = split_file(&data, &info, s)?;
+            load_records(&data, &info, &file, &tok, &tpl, max_len, &mut set)?;
+        }
+        let vars = model.trainable_vars(TrainMode::ALL).map_err(other)?;
+        let groups = vec![ParamGroup {
+            name: "all".into(),
+            lr: p.lr,
+            weight_decay: p.weight_decay,
+            vars,
+        }];
+        let tcfg = p.lp.config(set.examples.len(), ctx.seed)?;
+        let proc = ImageProcessorConfig::clip(model.config().vision.image_size as u32);
+        let mut obj = Sft {
+            model,
+            set,
+            proc,
+            pad: tok.pad_id,
+            hooks: Vec::new(),
+        };
+        let log = run_training(ctx, &mut obj, groups, tcfg)?;
+        write_model_dir(&ctx.output("model"), &obj.model, &tok, &log)
+    }
+}
+
+/// `train.lora`.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraTrain;
+
+#[derive(Deserialize)]
+struct LoraParams {
+    base: String,
+    data: String,
+    task: String,
+    rank: i64,
+    alpha: f64,
+    dropout: f64,
+    targets: String,
+    lr: f64,
+    projector_lr: f64,
+    weight_decay: f64,
+    reglora: serde_json::Map<String, Value>,
+    #[serde(flatten)]
+    lp: LoopParams,
+}
+
+/// `reglora = { top_percent, lambda }`; an empty table turns it off.
+fn reglora_params(t: &serde_json::Map<String, Value>) -> Result<Option<(f64, f64)>, StageError> {
+    if t.is_empty() {
+        return Ok(None);
+    }
+    let (mut top, mut lambda) = (2.0, 2.5e3);
+    for (k, v) in t {
+        let x = v.as_f64().ok_or_else(|| {
+            StageError::Input(format!(
+                "parameter `reglora.{k}`: expected a number, got {v}"
+            ))
+        })?;
+        match k.as_str() {
+            "top_percent" if (0.0..=100.0).contains(&x) => top = x,
+            "lambda" if x >= 0.0 => lambda = x,
+            "top_percent" | "lambda" => {
+                return Err(StageError::Input(format!(
+                    "parameter `reglora.{k}` = {x} is out of range"
+                )));
+            }
+            _ => {
+                return Err(StageError::Input(format!(
+                    "parameter `reglora`: unknown key `{k}` (expected `top_percent` and/or `lambda`)"
+                )));
+            }
+        }
+    }
+    Ok(Some((top, lambda)))
+}
+
+const DEFAULT_TARGETS: &str = "language_model";
+
+impl StageKind for LoraTrain {
+    fn kind(&self) -> &'static str {
+        "train.lora"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn doc(&self) -> &'static str {
+        "Fine-tune a base model on one task's training file with a fresh LoRA (and the projector at its \
+         own lr), optionally with RegLoRA's penalty at the key elements the base carries; writes the \
+         merged model (with the accumulated key elements), the PEFT adapter and the key elements. \
+         Resumable; use `chain = \"base\"` in a `foreach` over tasks."
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        let mut v = vec![
+            spec(
+                "base",
+                ParamType::Ref(ArtifactType::Model),
+                None,
+                "model to start from (the previous task's merged model)",
+            ),
+            spec(
+                "data",
+                ParamType::Ref(ArtifactType::Dataset),
+                None,
+                "CoIN dataset artifact",
+            ),
+            spec(
+                "task",
+                ParamType::Str,
+                None,
+                "task whose training file to use",
+            ),
+            spec("rank", ParamType::Int, Some(json!(8)), "LoRA rank r"),
+            spec(
+                "alpha",
+                ParamType::Float,
+                Some(json!(16.0)),
+                "LoRA alpha (scale alpha/r)",
+            ),
+            spec(
+                "dropout",
+                ParamType::Float,
+                Some(json!(0.0)),
+                "LoRA dropout",
+            ),
+            spec(
+                "targets",
+                ParamType::Str,
+                Some(json!(DEFAULT_TARGETS)),
+                "`language_model` (all decoder projections) or a PEFT regex over module names",
+            ),
+            spec(
+                "lr",
+                ParamType::Float,
+                Some(json!(2e-4)),
+                "LoRA learning rate",
+            ),
+            spec(
+                "projector_lr",
+                ParamType::Float,
+                Some(json!(2e-5)),
+                "projector learning rate (0: frozen)",
+            ),
+            spec(
+                "reglora",
+                ParamType::Table,
+                Some(json!({})),
+                "RegLoRA: { top_percent = 2.0, lambda = 2.5e3 }; empty = off",
+            ),
+        ];
+        v.extend(loop_specs(0, 8, 20));
+        v
+    }
+    fn outputs(&self, _: &Value) -> Vec<OutputSpec> {
+        vec![
+            OutputSpec {
+                name: "model",
+                ty: ArtifactType::Model,
+                doc: "merged model dir (plus reglora_key_elements.safetensors with reglora)",
+            },
+            OutputSpec {
+                name: "adapter",
+                ty: ArtifactType::Adapter,
+                doc: "the task's LoRA in PEFT layout",
+            },
+            OutputSpec {
+                name: "key_elements",
+                ty: ArtifactType::Files,
+                doc: "accumulated RegLoRA key elements (module -> I64 [K, 2]); empty without reglora",
+            },
+        ]
+    }
+    fn resources(&self, _: &Value) -> Resources {
+        cpu_resources()
+    }
+    fn run(&self, ctx: &mut StageCtx<'_>) -> Result<(), StageError> {
+        crate::model::configure_cpu_runtime();
+        let p: LoraParams = ctx.params()?;
+        let reg = reglora_params(&p.reglora)?;
+        let (base, data) = (
+            Path::new(&p.base).to_path_buf(),
+            Path::new(&p.data).to_path_buf(),
+        );
+        let info = DatasetInfo::load(&data)?;
+        let file = info.task(&p.task).map(|t| t.train.clone()).ok_or_else(|| {
+            let names: Vec<&str> = info.tasks.iter().map(|t| t.name.as_str()).collect();
+            StageError::Input(format!(
+                "parameter `task`: `{}` is not a task of {} (have {names:?})",
+                p.task,
+                data.display()
+            ))
+        })?;
+        let tok = LlavaTokenizer::load(&base).map_err(other)?;
+        let proc =
+            ImageProcessorConfig::load(&base.join("preprocessor_config.json")).map_err(other)?;
+        let mut model = Llava::load(&base, DType::F32, &Device::Cpu).map_err(other)?;
+        let mcfg = model.config().clone();
+        tok.check_model_vocab(
+            &base.join("config.json"),
+            mcfg.text.vocab_size,
+            mcfg.image_token_index,
+        )
+        .map_err(other)?;
+        let rank = usize::try_from(p.rank)
+            .ok()
+            .filter(|&r| r > 0)
+            .ok_or_else(|| {
+                StageError::Input(format!("parameter `rank` = {} must be at least 1", p.rank))
+            })?;
+        if !(0.0..1.0).contains(&p.dropout) {
+            return Err(StageError::Input(format!(
+                "parameter `dropout` = {} must be in [0, 1)",
+                p.dropout
+            )));
+        }
+        let mut lora = LoraConfig::language_model(rank, p.alpha);
+        lora.dropout = p.dropout;
+        if p.targets != DEFAULT_TARGETS {
+            lora.target_modules = TargetModules::Regex(p.targets.clone());
+        }
+        // The adapter's init is seeded by the stage seed, like everything else.
+        model
+            .add_adapter("task", lora, ctx.seed)
+            .map_err(|e| StageError::Input(format!("parameter `targets`: {e}")))?;
+        let mut set = SftSet {
+            examples: Vec::new(),
+            images: Vec::new(),
+        };
+        load_records(
+            &data,
+            &info,
+            &file,
+            &tok,
+            &template(&model),
+            mcfg.text.max_position_embeddings,
+            &mut set,
+        )?;
+        let mode = TrainMode {
+            lora: true,
+            projector: p.projector_lr > 0.0,
+            ..TrainMode::default()
+        };
+        let vars = model.trainable_vars(mode).map_err(other)?;
+        let (proj, lora_vars): (Vec<_>, Vec<_>) = vars
+            .iter()
+            .cloned()
+            .partition(|(n, _)| n.starts_with("multi_modal_projector."));
+        let mut groups = vec![ParamGroup {
+            name: "lora".into(),
+            lr: p.lr,
+            weight_decay: p.weight_decay,
+            vars: lora_vars,
+        }];
+        if !proj.is_empty() {
+            groups.push(ParamGroup {
+                name: "projector".into(),
+                lr: p.projector_lr,
+                weight_decay: p.weight_decay,
+                vars: proj,
+            });
+        }
+        let prev_keys = base.join(KEY_ELEMENTS_FILE);
+        let prev = match (reg, prev_keys.is_file()) {
+            (Some(_), true) => KeyElements::load(&prev_keys).map_err(train_err)?,
+            _ => KeyElements::default(),
+        };
+        let mut hooks: Vec<Box<dyn crate::train::LossHook>> = Vec::new();
+        if let Some((_, lambda)) = reg
+            && !prev.is_empty()
+        {
+            let hook = RegLoraPenalty::new(&prev, &vars, lambda).map_err(train_err)?;
+            let _ = writeln!(
+                ctx.log,
+                "reglora: {} key elements over {} matrices, lambda {lambda}",
+                prev.len(),
+                hook.matrices()
+            );
+            hooks.push(Box::new(hook));
+        }
+        let tcfg = p.lp.config(set.examples.len(), ctx.seed)?;
+        let mut obj = Sft {
+            model,
+            set,
+            proc,
+            pad: tok.pad_id,
+            hooks,
+        };
+        let log = run_training(ctx, &mut obj, groups, tcfg)?;
+        let mut model = obj.model;
+        model.set_dropout_seed(None);
+        model
+            .save_adapter("task", &ctx.output("adapter"))
+            .map_err(|e| StageError::Other(e.to_string()))?;
+        let keys_out = ctx.output("key_elements");
+        let model_dir = ctx.output("model");
+        if let Some((top, _)) = reg {
+            let keys = KeyElements::select(&vars, top)
+                .map_err(train_err)?
+                .accumulate(&prev);
+            keys.save(&keys_out.join(KEY_ELEMENTS_FILE))
+                .map_err(train_err)?;
+            keys.save(&model_dir.join(KEY_ELEMENTS_FILE))
+                .map_err(train_err)?;
+            let _ = writeln!(ctx.log, "reglora: {} accumulated key elements", keys.len());
+        }
+        model
+            .merge_adapter("task")
+            .map_err(|e| StageError::Other(e.to_string()))?;
+        write_model_dir(&model_dir, &model, &tok, &log)
+    }
+}
