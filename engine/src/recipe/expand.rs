@@ -336,6 +336,47 @@ fn expand_stage(
     // Elements: one plain stage, or the foreach items, or the matrix product.
     let foreach = t.get("foreach");
     let matrix = t.get("matrix");
+    let chain = chain_param(name, t, foreach.is_some(), kind.as_deref(), ctx);
+    let res = recipe_resources(t, ctx);
+    let executor = t.get("executor").and_then(|e| match &e.val.v {
+        V::Str(x) if EXECUTORS.contains(&x.as_str()) => Some(x.clone()),
+        v => {
+            let got = if let V::Str(s) = v {
+                format!("`{s}`")
+            } else {
+                v.type_name().to_string()
+            };
+            ctx.err(
+                "bad_value",
+                e.val.loc,
+                "unknown executor",
+                format!("`executor` must be `local` or `slurm`, got {got}"),
+                Some("`local` runs on this machine, `slurm` submits with `sbatch`".to_string()),
+            );
+            None
+        }
+    });
+    let after: Vec<&Node> = match t.get("after").map(|e| &e.val) {
+        None => Vec::new(),
+        Some(Node {
+            v: V::Array(items), ..
+        }) => items.iter().filter(|n| check_after_item(n, ctx)).collect(),
+        Some(n) => {
+            ctx.err(
+                "bad_value",
+                n.loc,
+                "expected a list",
+                format!(
+                    "`after` must be a list of stage names, got {}",
+                    n.v.type_name()
+                ),
+                Some("write e.g. `after = [\"prepare\"]`".to_string()),
+            );
+            Vec::new()
+        }
+    };
+    // Elements: one plain stage, or the foreach items, or the matrix product. The keys
+    // above are checked first so their problems are reported even when expansion fails.
     let mut elements = Vec::new();
     let expanded = foreach.is_some() || matrix.is_some();
     match (foreach, matrix) {
@@ -419,45 +460,6 @@ fn expand_stage(
         }),
     }
 
-    let chain = chain_param(name, t, foreach.is_some(), kind.as_deref(), ctx);
-    let res = recipe_resources(t, ctx);
-    let executor = t.get("executor").and_then(|e| match &e.val.v {
-        V::Str(x) if EXECUTORS.contains(&x.as_str()) => Some(x.clone()),
-        v => {
-            let got = if let V::Str(s) = v {
-                format!("`{s}`")
-            } else {
-                v.type_name().to_string()
-            };
-            ctx.err(
-                "bad_value",
-                e.val.loc,
-                "unknown executor",
-                format!("`executor` must be `local` or `slurm`, got {got}"),
-                None,
-            );
-            None
-        }
-    });
-    let after: Vec<&Node> = match t.get("after").map(|e| &e.val) {
-        None => Vec::new(),
-        Some(Node {
-            v: V::Array(items), ..
-        }) => items.iter().filter(|n| check_after_item(n, ctx)).collect(),
-        Some(n) => {
-            ctx.err(
-                "bad_value",
-                n.loc,
-                "expected a list",
-                format!(
-                    "`after` must be a list of stage names, got {}",
-                    n.v.type_name()
-                ),
-                Some("write e.g. `after = [\"prepare\"]`".to_string()),
-            );
-            Vec::new()
-        }
-    };
     // With an unknown kind there is no schema: its parameters are not checked, since every
     // one of them would look unknown and bury the real problem.
     // Schemas are built once per kind, not once per stage.
