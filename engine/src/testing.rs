@@ -125,6 +125,12 @@ impl StageKind for Fail {
                 default: Some(json!("boom")),
                 doc: "the error",
             },
+            ParamSpec {
+                name: "panic",
+                ty: ParamType::Bool,
+                default: Some(json!(false)),
+                doc: "panic instead of failing",
+            },
             deps_spec(),
         ]
     }
@@ -132,6 +138,10 @@ impl StageKind for Fail {
         out_spec()
     }
     fn run(&self, ctx: &mut StageCtx<'_>) -> Result<(), StageError> {
+        if ctx.params.get("panic").and_then(serde_json::Value::as_bool) == Some(true) {
+            // Exercises the executor's guard against buggy kinds.
+            panic!("test.fail was asked to panic");
+        }
         let message: String = ctx
             .params
             .get("message")

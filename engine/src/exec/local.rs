@@ -204,7 +204,23 @@ pub fn run(
                     let tx = tx.clone();
                     let env = &env;
                     scope.spawn(move || {
-                        let outcome = stage_run::run_job(env, &job);
+                        // A panicking kind must not leave the scheduler waiting forever for its
+                        // report: it becomes an ordinary stage failure.
+                        let outcome =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                stage_run::run_job(env, &job)
+                            }))
+                            .unwrap_or_else(|panic| {
+                                let msg = panic
+                                    .downcast_ref::<&str>()
+                                    .map(|s| (*s).to_owned())
+                                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                                    .unwrap_or_default();
+                                Outcome::Failed(
+                                    format!("BUG: the stage panicked: {msg}"),
+                                    Duration::ZERO,
+                                )
+                            });
                         let _ = tx.send((i, outcome));
                     });
                 }

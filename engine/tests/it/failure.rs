@@ -87,3 +87,30 @@ cmd = "cat ${deps}"
         out.summary.failed
     );
 }
+
+#[test]
+fn a_panicking_kind_is_a_stage_failure() {
+    let p = Project::new();
+    let out = p.run(
+        r#"
+[experiment]
+name = "t"
+
+[stages.boom]
+kind = "test.fail"
+panic = true
+
+[stages.fine]
+kind = "test.echo"
+"#,
+    );
+    assert_eq!(out.ran(), ["fine"]);
+    assert_eq!(out.summary.failed.len(), 1);
+    assert!(
+        out.summary.failed[0]
+            .1
+            .starts_with("BUG: the stage panicked: test.fail was asked to panic"),
+        "{:?}",
+        out.summary.failed
+    );
+}
