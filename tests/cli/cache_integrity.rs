@@ -139,7 +139,8 @@ fn cache_dir_under_a_regular_file_is_exit_3() {
     // Not snapshotted: miette wraps the message inside the absolute path, whose length
     // depends on the temp dir. The path and the help are what matter.
     assert!(
-        r.stderr.contains("cannot use the cache directory `blocker/cache`"),
+        r.stderr
+            .contains("cannot use the cache directory `blocker/cache`"),
         "{}",
         r.stderr
     );
