@@ -111,6 +111,26 @@ fn greedy_matches_hf_alone_and_left_padded() {
 }
 
 #[test]
+fn a_finished_row_leaves_the_batch_without_disturbing_the_others() {
+    let f = fixture();
+    let prompts = [f.prompt(0), f.prompt(1)];
+    // 805 is prompt 0's third greedy token and never appears in prompt 1's 20.
+    let opts = GenerateOptions {
+        batch_size: 2,
+        eos_token_ids: vec![805],
+        ..greedy(20)
+    };
+    let got = generate(&f.model, &prompts, &opts, None).unwrap();
+    assert_eq!(got[0].token_ids, [652, 591, 805]);
+    assert_eq!(got[0].finish, FinishReason::Eos);
+    assert_eq!(
+        got[1].token_ids,
+        expected_ids(&f.expected["single"][1]["new_token_ids"])
+    );
+    assert_eq!(got[1].finish, FinishReason::Length);
+}
+
+#[test]
 fn sampling_is_independent_of_batch_composition() {
     let f = fixture();
     let prompts = [f.prompt(0), f.prompt(1)];

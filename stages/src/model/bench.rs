@@ -252,9 +252,18 @@ fn gen_tok_s(model: &Llava, text_len: usize, b: usize, opts: &BenchOptions) -> R
 
 /// Runs every measurement.
 pub fn run(src: &ModelSource, opts: &BenchOptions) -> Result<BenchReport> {
-    if opts.batch == 0 || opts.steps == 0 || opts.lora_rank == 0 || opts.new_tokens == 0 {
+    let sizes = [
+        opts.batch,
+        opts.text_len,
+        opts.steps,
+        opts.lora_rank,
+        opts.new_tokens,
+    ];
+    if sizes.contains(&0) {
+        // text_len 0 would leave the loss with no tokens (0/0).
         return Err(ModelError::Input(
-            "bench: --batch, --steps, --lora-rank and --new-tokens must be at least 1".into(),
+            "bench: --batch, --text-len, --steps, --lora-rank and --new-tokens must be at least 1"
+                .into(),
         ));
     }
     let mut model = load(src)?;
