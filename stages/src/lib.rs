@@ -1,6 +1,7 @@
 //! Stage kinds and the ML they need.
 #![allow(unreachable_pub)]
 pub mod data;
+pub mod eval;
 pub mod model;
 
 pub mod ops;
