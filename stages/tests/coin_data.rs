@@ -231,6 +231,7 @@ fn synth_coin_rejects_bad_sizes() {
 }
 
 #[test]
+#[allow(clippy::print_stderr)] // the measured time is the point of the test (`--nocapture`)
 fn synth_coin_default_size_takes_seconds() {
     let t = tempfile::tempdir().unwrap();
     let params =

@@ -480,7 +480,7 @@ mod tests {
     #[test]
     fn explanations_hit_their_length() {
         let mut rng = StdRng::seed_from_u64(1);
-        let facts = vec!["There is a red circle in the top left of the image.".to_string()];
+        let facts = ["There is a red circle in the top left of the image.".to_string()];
         for (target, lo, hi) in [(20, 14, 32), (50, 38, 70)] {
             for f in [&facts[..], &[]] {
                 let e = explained_answer(&mut rng, f, "What is it?", "circle", target);

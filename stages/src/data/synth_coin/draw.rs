@@ -246,7 +246,7 @@ mod tests {
                 if p.0 == [0, 0, 0] {
                     n += 1;
                     assert!(
-                        x >= 10 && x < 30 && y >= 10 && y < 30,
+                        (10..30).contains(&x) && (10..30).contains(&y),
                         "{s} leaks at {x},{y}"
                     );
                 }

@@ -204,7 +204,7 @@ pub fn generate(
                     StageError::Other(format!("{}: cannot write image: {e}", path.display()))
                 })?;
             let n = done_count.fetch_add(1, Ordering::Relaxed) + 1;
-            if n % 256 == 0 || n == total {
+            if n.is_multiple_of(256) || n == total {
                 progress.progress(n, total, "rendering");
             }
             Ok(Done {
