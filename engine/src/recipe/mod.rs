@@ -4,6 +4,37 @@
 //! in topological order, each with canonical parameters, resolved inputs and external
 //! files. Nothing runs here; the graph, keys and executors work from the result.
 //!
+//! ## Language
+//! ```toml
+//! [experiment]
+//! name = "sefe_coin"        # default: the file stem
+//! seed = 1234               # default: 0
+//! extends = "base.toml"     # inherit, overriding key by key (see `load.rs`)
+//! include = ["evals.toml"]  # add stages and vars; redefining one is an error
+//!
+//! [vars]
+//! tasks = ["ScienceQA", "GQA"]
+//! methods = ["lora", "sefe"]
+//!
+//! [stages.task]
+//! kind = "train.lora"       # every key but the reserved ones is a parameter of the kind
+//! foreach = "tasks"         # or an inline list: stages task/ScienceQA, task/GQA
+//! chain = "base"            # task/GQA gets base = "@task/ScienceQA" (`chain = true`: `prev`)
+//! base = "@base"
+//! data = "@asd/{item}"      # `{item}`, `{index}` (and matrix dimensions) are substituted
+//! resources = { cpus = 2, memory_mb = 4096, gpus = 0, time_s = 3600 }
+//! executor = "slurm"        # or "local"
+//! after = ["prepare"]       # ordering without data
+//!
+//! [stages.sweep]
+//! kind = "train.lora"
+//! matrix = { method = "methods", lr = [1e-4, 2e-4] }   # sweep/method=lora,lr=0.0001 ...
+//! ```
+//! A matrix dimension named like a parameter of the kind sets it (typed); any dimension can
+//! be substituted as `{method}`. References: `@stage`, `@stage.output`, `@stage/item`,
+//! `@stage/item.output`, and the gather `@stage/*` (all expansions in order, optionally
+//! `@stage/*.output`). `--set` overrides are described in `overrides.rs`.
+//!
 //! ## Phases
 //! 1. `load`: parse the file and everything it `extends`/`include`s into one spanned document
 //!    (`value.rs` keeps a source + byte span on every value).
