@@ -15,6 +15,15 @@ use stages::kinds::coin_data::{AsdRewrite, Coin, SynthCoin};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/coin-mini");
 
+/// Threads granted to a run: 3 when the work directory's name ends in `-3cpu`, else 2.
+fn cpus(work: &Path) -> u32 {
+    if work.to_string_lossy().ends_with("-3cpu") {
+        3
+    } else {
+        2
+    }
+}
+
 /// Run `kind` with `params` (all of them, defaults included) into `work/out`; returns the
 /// `dataset` output directory and the log.
 fn run(
@@ -41,7 +50,7 @@ fn run(
         progress: &NoProgress,
         log: &mut log,
         resources: Resources {
-            cpus: 2,
+            cpus: cpus(work),
             ..Resources::default()
         },
     };
@@ -594,4 +603,44 @@ fn asd_on_real_format_records_uses_templates_and_options() {
         "text-only records stay text-only"
     );
     assert_eq!(sqa[2].extra.get("source"), Some(&json!("lecture")));
+}
+
+#[test]
+fn synth_coin_bytes_do_not_depend_on_the_thread_count() {
+    let t = tempfile::tempdir().unwrap();
+    let a = tree(&synth(&t.path().join("a"), 10, 3, 5, 21));
+    let b = tree(&synth(&t.path().join("b-3cpu"), 10, 3, 5, 21));
+    assert!(a == b);
+}
+
+#[test]
+fn data_coin_reads_coin_asd_training_files() {
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("CoIN-ASD");
+    for (rel, bytes) in tree(Path::new(FIXTURE)) {
+        let rel = match rel.file_name().and_then(|n| n.to_str()) {
+            Some("train.json") => rel.with_file_name("train_x20.json"),
+            _ => rel,
+        };
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+    let mut params = coin_params(&root);
+    params["train_file"] = json!("train_x20.json");
+    params["tasks"] = json!(["GQA", "VQAv2"]);
+    let (dir, _) = run(&Coin, &t.path().join("w"), params, BTreeMap::new(), 1).unwrap();
+    let info = DatasetInfo::load(&dir).unwrap();
+    assert_eq!(info.asd.as_ref().map(|a| a.x), Some(20));
+    assert_eq!(info.tasks.len(), 2);
+    assert_eq!(info.tasks[0].train, "annotations/GQA/train_x20.json");
+    assert_eq!(
+        read_train(&dir.join(&info.tasks[1].train)).unwrap().len(),
+        2
+    );
+
+    let mut params = coin_params(&root);
+    params["train_file"] = json!("../x.json");
+    let e = run(&Coin, &t.path().join("w2"), params, BTreeMap::new(), 1).unwrap_err();
+    assert!(e.to_string().contains("plain file name"), "{e}");
 }
