@@ -102,6 +102,9 @@ impl Drop for LockGuard {
     }
 }
 
+/// Width of the lock record (padded with spaces).
+const RECORD_WIDTH: usize = 256;
+
 fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
@@ -296,13 +299,22 @@ impl Cache {
                     heartbeat_ms: now_ms(),
                 })
                 .unwrap_or_default();
+                // Fixed width (JSON allows trailing spaces): each heartbeat overwrites the
+                // whole previous record in place, so no reader sees a stale tail.
+                while s.len() < RECORD_WIDTH - 1 {
+                    s.push(' ');
+                }
                 s.push('\n');
                 s
             }
         };
         let write = |f: &File, s: &str| -> std::io::Result<()> {
             f.write_all_at(s.as_bytes(), 0)?;
-            f.set_len(s.len() as u64)
+            // Only shrinks if a previous holder's record was longer (a long host name).
+            if f.metadata()?.len() > s.len() as u64 {
+                f.set_len(s.len() as u64)?;
+            }
+            Ok(())
         };
         write(&file, &record()).map_err(|e| self.io(&path, "cannot write lock", e))?;
         let (tx, rx) = mpsc::channel::<()>();
