@@ -3,7 +3,9 @@
 //! Each kind lives in its own module and implements [`engine::stage::StageKind`]; this module
 //! only lists them, so that adding a kind is one line here plus its module.
 
+pub mod cl_metrics;
 pub mod coin_data;
+pub mod coin_eval;
 pub mod sft;
 pub mod train_kinds;
 
@@ -13,4 +15,6 @@ use engine::stage::Registry;
 pub fn register_all(registry: &mut Registry) {
     coin_data::register(registry);
     train_kinds::register(registry);
+    coin_eval::register(registry);
+    cl_metrics::register(registry);
 }
