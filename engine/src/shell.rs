@@ -287,7 +287,12 @@ fn run_command(ctx: &mut StageCtx<'_>, cmd: &str) -> Result<(), StageError> {
     command
         .arg("-c")
         .arg(cmd)
-        .current_dir(ctx.recipe_dir)
+        // A recipe given as a bare file name has an empty directory: that is the cwd.
+        .current_dir(if ctx.recipe_dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            ctx.recipe_dir
+        })
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(writer2)

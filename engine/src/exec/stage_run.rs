@@ -54,10 +54,29 @@ pub(super) struct Env<'a> {
 pub(super) fn run_job(env: &Env<'_>, job: &Job) -> Outcome {
     let node = &env.recipe.stages[job.idx];
     let started = Instant::now();
-    match run_job_inner(env, node, job) {
+    let mut outcome = run_job_inner(env, node, job);
+    if matches!(outcome, Err(Retry::StaleTree(_))) {
+        // A tree materialized before an object went bad can outlive the bad entry; the
+        // failed verification has removed it now, so one more attempt builds it afresh.
+        outcome = run_job_inner(env, node, job);
+    }
+    match outcome {
         Ok(o) => o,
-        Err(StageError::Cancelled) => Outcome::Cancelled,
-        Err(e) => Outcome::Failed(e.to_string(), started.elapsed()),
+        Err(Retry::Stage(StageError::Cancelled)) => Outcome::Cancelled,
+        Err(Retry::Stage(e)) => Outcome::Failed(e.to_string(), started.elapsed()),
+        Err(Retry::StaleTree(msg)) => Outcome::Failed(msg, started.elapsed()),
+    }
+}
+
+/// A job error, or a freshly committed output that failed verification.
+enum Retry {
+    Stage(StageError),
+    StaleTree(String),
+}
+
+impl From<StageError> for Retry {
+    fn from(e: StageError) -> Self {
+        Self::Stage(e)
     }
 }
 
@@ -65,7 +84,7 @@ fn cache_err(doing: &str, e: cache::Error) -> StageError {
     StageError::Other(format!("{doing}: {e}"))
 }
 
-fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, StageError> {
+fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, Retry> {
     if job.forced {
         // Otherwise the lease would report the existing entry as a hit.
         env.cache
@@ -123,18 +142,18 @@ fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, 
             resources: job.resources,
         };
         if let Err(e) = job.kind.run(&mut ctx) {
-            return Err(match e {
+            return Err(Retry::Stage(match e {
                 StageError::Cancelled => e,
                 e => match keep_failed_log(env, node, &log_path) {
                     Some(kept) => StageError::Other(format!("{e} (log: {})", kept.display())),
                     None => e,
                 },
-            });
+            }));
         }
     }
     if env.cancel.load(std::sync::atomic::Ordering::Relaxed) {
         // A stage that returned Ok after the cancel may have cut corners; never commit it.
-        return Err(StageError::Cancelled);
+        return Err(Retry::Stage(StageError::Cancelled));
     }
     drop(log);
     let meta = CommitMeta {
@@ -150,8 +169,11 @@ fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, 
             .commit(staging, meta)
             .map_err(|e| cache_err("cannot commit the outputs", e))?,
     );
-    finish(env, node, job.kind.as_ref(), &entry).map_err(FinishError::into_stage_error)?;
-    Ok(Outcome::Ran(entry))
+    match finish(env, node, job.kind.as_ref(), &entry) {
+        Ok(()) => Ok(Outcome::Ran(entry)),
+        Err(FinishError::Corrupt(msg)) => Err(Retry::StaleTree(msg)),
+        Err(FinishError::Other(e)) => Err(Retry::Stage(e)),
+    }
 }
 
 /// A failed stage leaves no entry, so its log would vanish with the staging directory; keep
