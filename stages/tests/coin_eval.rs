@@ -1,5 +1,5 @@
 //! `eval.coin` and `eval.cl-metrics` end to end through `StageKind::run` with hand-built
-//! contexts: a tiny synth-coin dataset, a tokenizer and a one-step pretrained model; checks
+//! contexts: a tiny synth-coin dataset and the `llava-tiny` fixture model; checks
 //! that predictions and scores are well-formed for all eight tasks, that a run stopped between
 //! shards resumes to the same bytes as an uninterrupted one, task selection (`upto`), and the
 //! metrics kind on hand-written scores.
@@ -16,7 +16,6 @@ use stages::eval::coin_score::{Rule, TaskScore};
 use stages::kinds::cl_metrics::{ClMetrics, ClMetricsKind};
 use stages::kinds::coin_data::SynthCoin;
 use stages::kinds::coin_eval::{CoinScores, EvalCoin, Prediction};
-use stages::kinds::train_kinds::{Pretrain, TokenizerTrain};
 
 /// Cancels the run once `at` progress units are done (a simulated kill).
 struct StopAt {
@@ -102,7 +101,9 @@ fn run(kind: &dyn StageKind, work: &Path, params: Value, inputs: &[(&str, &Path)
         .0
 }
 
-/// Tiny dataset (3 test questions per task) and a one-step pretrained model.
+/// Tiny dataset (3 test questions per task, 64-pixel images) and the `llava-tiny` fixture
+/// model (random weights whose greedy answers vary with the input, unlike a freshly
+/// pretrained model's, so that equal predictions across runs mean something).
 fn base(root: &Path) -> (PathBuf, PathBuf) {
     let data = run(
         &SynthCoin,
@@ -110,18 +111,7 @@ fn base(root: &Path) -> (PathBuf, PathBuf) {
         json!({"per_task": {"train": 4, "test": 3}, "pretrain": 8, "image_size": 64}),
         &[],
     );
-    let tok = run(
-        &TokenizerTrain,
-        &root.join("tok"),
-        json!({}),
-        &[("data", &data)],
-    );
-    let model = run(
-        &Pretrain,
-        &root.join("pre"),
-        json!({"steps": 1, "batch_size": 2}),
-        &[("data", &data), ("tokenizer", &tok)],
-    );
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llava-tiny");
     (data, model)
 }
 
@@ -169,6 +159,7 @@ fn eval_coin_writes_predictions_and_scores_and_resumes_to_the_same_bytes() {
     assert_eq!(scores.tasks["Grounding"].rule, Rule::Grounding);
     assert_eq!(scores.tasks["ScienceQA"].rule, Rule::ScienceQa);
     let mut answer_ids = HashSet::new();
+    let mut texts = HashSet::new();
     for task in TASKS {
         let s: &TaskScore = &scores.tasks[task];
         assert_eq!((s.total, s.missing), (3, 0), "{task}");
@@ -193,6 +184,7 @@ fn eval_coin_writes_predictions_and_scores_and_resumes_to_the_same_bytes() {
             assert_eq!(p.question_id, r.question_id);
             assert_eq!(p.prompt, r.text);
             assert_eq!(p.model_id, "eval/test");
+            texts.insert(p.text.clone());
             assert!(
                 answer_ids.insert(p.answer_id.clone()),
                 "duplicate answer_id {}",
@@ -214,6 +206,8 @@ fn eval_coin_writes_predictions_and_scores_and_resumes_to_the_same_bytes() {
             assert!(first.get(f).is_some(), "{task}: no `{f}`");
         }
     }
+    // Real generations, not one constant (else the comparisons below would prove nothing).
+    assert!(texts.len() > 1, "{texts:?}");
     assert!(log.contains("shards generated 2, reused 0"), "{log}");
 
     // Killed after 5 of the 16 shards, then rerun with the same checkpoint directory.
@@ -229,6 +223,11 @@ fn eval_coin_writes_predictions_and_scores_and_resumes_to_the_same_bytes() {
         "{log}"
     );
     assert_eq!(tree(&full), tree(&resumed));
+
+    // Batch size and shard size change speed only, never the answers.
+    let other = json!({"shard_size": 3, "batch_size": 1, "max_new_tokens": 6});
+    let (regrouped, _) = run_with(&EvalCoin, &root.path().join("c"), other, &inputs, None).unwrap();
+    assert_eq!(tree(&full), tree(&regrouped));
 }
 
 #[test]
