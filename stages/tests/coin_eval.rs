@@ -371,3 +371,25 @@ fn cl_metrics_on_a_worked_sequence() {
         "{msg}"
     );
 }
+
+#[test]
+fn eval_coin_names_file_record_and_field_of_a_missing_image() {
+    let root = tempfile::tempdir().unwrap();
+    let (data, model) = base(root.path());
+    let info = DatasetInfo::load(&data).unwrap();
+    let test_file = data.join(&info.task("GQA").unwrap().test);
+    let recs = read_test(&test_file).unwrap();
+    let image = recs[1].image.as_ref().expect("GQA questions have images");
+    std::fs::remove_file(info.image_path(&data, image)).unwrap();
+    let params = json!({"tasks": ["GQA"], "max_new_tokens": 2});
+    let inputs = [("model", vec![model]), ("data", vec![data])];
+    let e = run_with(&EvalCoin, &root.path().join("e"), params, &inputs, None).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, StageError::Input(_)), "{msg}");
+    assert!(
+        msg.contains(&test_file.display().to_string())
+            && msg.contains(&format!("record 1 (question_id {})", recs[1].question_id))
+            && msg.contains("field `image`"),
+        "{msg}"
+    );
+}
