@@ -177,7 +177,12 @@ pub fn load(path: &Path, overrides: &[String], registry: &Registry) -> Result<Re
     Ok(Recipe {
         experiment,
         seed,
-        dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        // A bare file name (`pipeline run demo.toml`) has the empty path as parent, and
+        // `sh -c` cannot be started in "": that is the current directory.
+        dir: match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        },
         files: ctx.files,
         stages,
     })
