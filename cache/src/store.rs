@@ -355,7 +355,17 @@ impl Cache {
             .unwrap_or_else(|p| p.into_inner())
             .contains(&tree.digest);
         let res = if dir.is_dir() {
-            self.verify_tree(&dir, tree, known && !self.opts.paranoid)
+            match self.verify_tree(&dir, tree, known && !self.opts.paranoid) {
+                // A bad tree file may be a stale link to an object that a later commit has
+                // since replaced (a corrupt object is rewritten by the rerun of its stage,
+                // under a new inode): rebuild the tree from the objects, which verifies
+                // them, instead of condemning a good entry.
+                Err(Error::Corrupt { .. }) => {
+                    fsutil::remove_tree(&self.root, &dir)?;
+                    self.build_tree(&dir, tree)
+                }
+                other => other,
+            }
         } else {
             self.build_tree(&dir, tree)
         };
@@ -432,19 +442,10 @@ impl Cache {
                     }),
                 }
             } else {
-                // The tree file is a hardlink to (or copy of) the object: a corrupt one means
-                // the object is bad too, so it is removed along with the tree.
-                self.verify_file(&p, &want, e.size, &self.object_path(&want))
-                    .map_err(|err| match err {
-                        Error::Corrupt { detail, .. } => {
-                            let _ = fs::remove_file(self.object_path(&want));
-                            Error::Corrupt {
-                                path: p.clone(),
-                                detail,
-                            }
-                        }
-                        other => other,
-                    })
+                // Only the tree file is condemned here: it may be a stale link to an object
+                // that has since been replaced. `materialize` then rebuilds the tree from the
+                // objects, and that verifies (and removes) a bad object.
+                self.verify_file(&p, &want, e.size, &p)
             }
         })
     }
