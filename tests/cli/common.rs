@@ -139,8 +139,8 @@ pub(crate) fn shape(shape: Shape, n: usize) -> Vec<Node> {
         .collect();
     match shape {
         Shape::Chain => {
-            for i in 1..n {
-                nodes[i].deps.push(stage_name(i - 1));
+            for (i, node) in nodes.iter_mut().enumerate().skip(1) {
+                node.deps.push(stage_name(i - 1));
             }
         }
         Shape::Fan => {
@@ -152,13 +152,13 @@ pub(crate) fn shape(shape: Shape, n: usize) -> Vec<Node> {
         }
         Shape::Layered => {
             let width = (n as f64).sqrt().ceil() as usize;
-            for i in width..n {
+            for (i, node) in nodes.iter_mut().enumerate().skip(width) {
                 let layer_start = (i / width - 1) * width;
                 let a = layer_start + i % width;
                 let b = layer_start + (i + 1) % width;
-                nodes[i].deps.push(stage_name(a));
+                node.deps.push(stage_name(a));
                 if b != a {
-                    nodes[i].deps.push(stage_name(b));
+                    node.deps.push(stage_name(b));
                 }
             }
         }
