@@ -19,8 +19,14 @@ fn read(path: &Path, name: &str) -> (Vec<f32>, Vec<usize>) {
     let t = st.tensor(name).unwrap();
     let data = t.data();
     let v = match t.dtype() {
-        Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
-        Dtype::I64 => data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        Dtype::I64 => data
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
         other => panic!("{name}: unexpected dtype {other:?}"),
     };
     (v, t.shape().to_vec())
@@ -52,7 +58,10 @@ fn assert_matches(out: &Path, expected: &str) {
             continue;
         }
         let d = (g - w).abs();
-        assert!(d <= 1e-4 + 1e-4 * w.abs(), "{expected}: element {i}: got {g}, want {w}");
+        assert!(
+            d <= 1e-4 + 1e-4 * w.abs(),
+            "{expected}: element {i}: got {g}, want {w}"
+        );
         worst = worst.max(d);
     }
     assert!(worst < 1e-4, "{expected}: max |Δ| {worst}");
@@ -82,7 +91,11 @@ fn model_forward_writes_transformers_logits() {
 #[test]
 fn model_forward_names_a_bad_model_dir() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "qwen2_vl"}"#).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "qwen2_vl"}"#,
+    )
+    .unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .args(["model", "forward", "--model"])
         .arg(dir.path())
@@ -94,5 +107,8 @@ fn model_forward_names_a_bad_model_dir() {
         .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("config.json") && err.contains("model_type") && err.contains("qwen2_vl"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("model_type") && err.contains("qwen2_vl"),
+        "{err}"
+    );
 }

@@ -4,17 +4,17 @@
 //! by the `stages` crate (and by the engine's own `shell` kind).
 #![allow(unreachable_pub)]
 
-pub mod stage;
-pub mod recipe;
-pub mod graph;
 pub mod env_vars;
 pub mod events;
+pub mod exec;
+pub mod graph;
 pub mod key;
+pub mod plan;
+pub mod recipe;
 pub mod shell;
+pub mod stage;
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod exec;
-pub mod plan;
 
 /// A registry holding the kinds the engine itself provides (`shell`); the binary adds the
 /// ML kinds from the `stages` crate.

@@ -23,7 +23,9 @@ use serde::de::DeserializeOwned;
 
 /// The type of an artifact flowing between stages. A reference to an output of the wrong
 /// type is a recipe error caught before anything runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum ArtifactType {
     /// Any artifact (e.g. the outputs of a `shell` stage).
@@ -120,7 +122,12 @@ pub struct Resources {
 
 impl Default for Resources {
     fn default() -> Self {
-        Self { cpus: 1, memory_mb: 512, gpus: 0, time_s: 0 }
+        Self {
+            cpus: 1,
+            memory_mb: 512,
+            gpus: 0,
+            time_s: 0,
+        }
     }
 }
 
@@ -156,7 +163,10 @@ pub enum StageError {
 impl StageError {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 
@@ -208,8 +218,12 @@ impl StageCtx<'_> {
     /// A `StageError::Other` naming the field, which means the recipe layer and the kind's
     /// schema disagree (a bug in the kind).
     pub fn params<T: DeserializeOwned>(&self) -> Result<T, StageError> {
-        serde_json::from_value(self.params.clone())
-            .map_err(|e| StageError::Other(format!("BUG: params of `{}` do not match its schema: {e}", self.name)))
+        serde_json::from_value(self.params.clone()).map_err(|e| {
+            StageError::Other(format!(
+                "BUG: params of `{}` do not match its schema: {e}",
+                self.name
+            ))
+        })
     }
 
     /// The directory of the output `name`.
@@ -225,7 +239,10 @@ impl StageCtx<'_> {
     pub fn input(&self, name: &str) -> Result<&Path, StageError> {
         match self.inputs.get(name).map(Vec::as_slice) {
             Some([one]) => Ok(one),
-            _ => Err(StageError::Other(format!("BUG: input `{name}` of `{}` is not a single reference", self.name))),
+            _ => Err(StageError::Other(format!(
+                "BUG: input `{name}` of `{}` is not a single reference",
+                self.name
+            ))),
         }
     }
 
@@ -263,7 +280,12 @@ pub trait StageKind: Send + Sync + 'static {
     ///
     /// # Errors
     /// I/O errors while restoring.
-    fn restore(&self, _recipe_dir: &Path, _params: &serde_json::Value, _outputs: &BTreeMap<String, PathBuf>) -> Result<(), StageError> {
+    fn restore(
+        &self,
+        _recipe_dir: &Path,
+        _params: &serde_json::Value,
+        _outputs: &BTreeMap<String, PathBuf>,
+    ) -> Result<(), StageError> {
         Ok(())
     }
 }

@@ -20,7 +20,10 @@ fn parse() -> Result<(ModelSource, BenchOptions), String> {
             continue;
         }
         let mut val = || args.next().ok_or_else(|| format!("{a} needs a value"));
-        let num = |v: String| v.parse::<usize>().map_err(|_| format!("{a}: `{v}` is not a non-negative integer"));
+        let num = |v: String| {
+            v.parse::<usize>()
+                .map_err(|_| format!("{a}: `{v}` is not a non-negative integer"))
+        };
         match a.as_str() {
             "--model" => src = ModelSource::Dir(PathBuf::from(val()?)),
             "--preset" => src = ModelSource::Preset(val()?),

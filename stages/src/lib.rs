@@ -4,8 +4,8 @@ pub mod data;
 pub mod eval;
 pub mod model;
 
+pub mod kinds;
 pub mod ops;
 pub mod train;
-pub mod kinds;
 
 pub use kinds::register_all;
