@@ -1,6 +1,7 @@
 //! The shipped `experiments/sefe_coin.toml` through the binary, shrunk with `--set` to two
 //! tasks and a few steps: every stage runs, the RegLoRA chain carries key elements from task to
-//! task, the merged models land under `runs/`, and a second run is fully cached.
+//! task, the merged models and the metrics land under `runs/`, and a second run is fully
+//! cached.
 #![cfg(feature = "ml")]
 
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ fn recipe() -> PathBuf {
 
 const SHRINK: &[&str] = &[
     "--set",
-    "vars.tasks=[\"ScienceQA\", \"GQA\"]",
+    "vars.tasks=[\"ScienceQA\", \"TextVQA\"]",
     "--set",
     "coin.per_task={ train = 4, test = 2 }",
     "--set",
@@ -53,7 +54,7 @@ fn shipped_recipe_plans_in_full_and_runs_shrunk_then_caches() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let runs = t.path().join("runs/sefe_coin");
-    let last = runs.join("task/GQA/model");
+    let last = runs.join("task/TextVQA/model");
     for f in [
         "config.json",
         "model.safetensors",
@@ -62,11 +63,26 @@ fn shipped_recipe_plans_in_full_and_runs_shrunk_then_caches() {
     ] {
         assert!(last.join(f).is_file(), "{} lacks {f}", last.display());
     }
-    assert!(runs.join("task/GQA/adapter/adapter_config.json").is_file());
-    // GQA trained with the penalty against ScienceQA's key elements.
+    assert!(
+        runs.join("task/TextVQA/adapter/adapter_config.json")
+            .is_file()
+    );
+    // TextVQA trained with the penalty against ScienceQA's key elements.
     let log: serde_json::Value =
         serde_json::from_slice(&std::fs::read(last.join("train_log.json")).unwrap()).unwrap();
     assert_eq!(log[2]["extras"][0][0], "reglora", "{log}");
+
+    // The evaluation rows and the continual-learning metrics over them.
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(runs.join("metrics/metrics/metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        m["tasks"],
+        serde_json::json!(["ScienceQA", "TextVQA"]),
+        "{m}"
+    );
+    assert_eq!(m["matrix"].as_array().map(Vec::len), Some(2), "{m}");
+    assert!(runs.join("eval/TextVQA/metrics/scores.json").is_file());
 
     let again = pipeline(t.path(), &args);
     let err = String::from_utf8_lossy(&again.stderr);
