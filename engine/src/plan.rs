@@ -8,7 +8,7 @@
 //! come from diffing against the previous run's manifest with the unknown inputs taken from
 //! that manifest, plus one `input-changed (upstream reran)` per unknown input.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use cache::{Cache, Entry, Key, Lookup};
@@ -230,32 +230,40 @@ fn maybe_reasons(
     let Some(prev) = prev else {
         return vec![RerunReason::NeverRun];
     };
+    // Both input lists are sorted by `(param, position)`: look up, never scan (a fan-in
+    // stage has thousands of inputs).
+    let pos = |inputs: &[crate::key::InputDigest], inp: &crate::recipe::Input| {
+        inputs
+            .binary_search_by(|d| {
+                (d.param.as_str(), d.position).cmp(&(inp.param.as_str(), inp.position))
+            })
+            .ok()
+    };
     let mut guess = manifest.clone();
     for &n in unknown {
         let inp = &node.inputs[n];
-        let same =
-            |d: &&crate::key::InputDigest| d.param == inp.param && d.position == inp.position;
-        let old = prev.inputs.iter().find(same).map(|o| o.digest);
-        if let (Some(old), Some(slot)) = (old, guess.inputs.iter_mut().find(|g| same(&&**g))) {
-            slot.digest = old;
+        if let (Some(o), Some(g)) = (pos(&prev.inputs, inp), pos(&guess.inputs, inp)) {
+            guess.inputs[g].digest = prev.inputs[o].digest;
         }
     }
     let mut reasons = key::diff(&prev, &guess, &|_| false);
-    let mut seen: Vec<(&str, &str)> = Vec::new();
+    // One `input-changed (upstream reran)` per (param, upstream) pair of the unknown inputs,
+    // replacing whatever the diff said about that pair.
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    let mut cascade = Vec::new();
     for &n in unknown {
         let inp = &node.inputs[n];
         let up = recipe.stages[inp.stage].name.as_str();
-        if seen.contains(&(inp.param.as_str(), up)) {
-            continue;
+        if seen.insert((inp.param.as_str(), up)) {
+            cascade.push(RerunReason::InputChanged {
+                input: inp.param.clone(),
+                upstream: up.to_owned(),
+                reran: true,
+            });
         }
-        seen.push((&inp.param, up));
-        reasons.retain(|r| !matches!(r, RerunReason::InputChanged { input, upstream, .. } if input == &inp.param && upstream == up));
-        reasons.push(RerunReason::InputChanged {
-            input: inp.param.clone(),
-            upstream: up.to_owned(),
-            reran: true,
-        });
     }
+    reasons.retain(|r| !matches!(r, RerunReason::InputChanged { input, upstream, .. } if seen.contains(&(input.as_str(), upstream.as_str()))));
+    reasons.extend(cascade);
     reasons
 }
 

@@ -126,6 +126,10 @@ pub fn derive_seed(experiment_seed: u64, stage: &str) -> u64 {
 
 /// Replace every reference string (`"@stage..."`) in the parameters named by `ref_params` by
 /// [`REF_PLACEHOLDER`], in place.
+///
+/// `ref_params` usually names one parameter per *input*, so a list parameter holding 10,000
+/// references is named 10,000 times: each name is masked once (masking the list per name
+/// made a fan-in stage quadratic).
 pub fn mask_refs<'a>(
     params: &mut serde_json::Value,
     ref_params: impl IntoIterator<Item = &'a str>,
@@ -133,7 +137,8 @@ pub fn mask_refs<'a>(
     let serde_json::Value::Object(map) = params else {
         return;
     };
-    for name in ref_params {
+    let names: std::collections::BTreeSet<&str> = ref_params.into_iter().collect();
+    for name in names {
         if let Some(v) = map.get_mut(name) {
             mask_value(v);
         }

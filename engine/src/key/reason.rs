@@ -247,21 +247,23 @@ fn diff_inputs(
     reran: &dyn Fn(&str) -> bool,
     out: &mut Vec<RerunReason>,
 ) {
+    // Indexed, not scanned: a fan-in stage has thousands of inputs, and a scan per input
+    // made its diff quadratic.
+    let before: std::collections::HashMap<(&str, usize), &cache::Digest> = old
+        .inputs
+        .iter()
+        .map(|o| ((o.param.as_str(), o.position), &o.digest))
+        .collect();
     // One reason per (param, upstream) pair, even when a gather holds many changed items.
-    let mut seen: Vec<(&str, &str)> = Vec::new();
+    let mut seen: std::collections::HashSet<(&str, &str)> = std::collections::HashSet::new();
     for input in &new.inputs {
-        let before = old
-            .inputs
-            .iter()
-            .find(|o| o.param == input.param && o.position == input.position);
-        let changed = match before {
-            Some(b) => b.digest != input.digest,
+        let changed = match before.get(&(input.param.as_str(), input.position)) {
+            Some(b) => **b != input.digest,
             // A reference added or moved shows up as a param change unless the params are
             // identical (a gather that grew); then it is an input change.
             None => true,
         };
-        if changed && !seen.contains(&(input.param.as_str(), input.upstream.as_str())) {
-            seen.push((&input.param, &input.upstream));
+        if changed && seen.insert((&input.param, &input.upstream)) {
             out.push(RerunReason::InputChanged {
                 input: input.param.clone(),
                 upstream: input.upstream.clone(),
