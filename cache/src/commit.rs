@@ -5,15 +5,20 @@
 //! 2. `commit` takes the shared gc lock, hashes every output file (rayon; through the stat
 //!    cache), then moves each file into `objects/<aa>/<digest>` by `rename` (same
 //!    filesystem by construction), skipping objects that already exist with the right size
-//!    (dedup). New objects are made read-only and fsync'ed before the rename, so an object
-//!    that exists is complete.
-//! 3. The log moves into `entries/<key>/`, and `manifest.json` is written *last*
-//!    (temp + fsync + rename + fsync of the directory). It is the commit marker: a crash at
-//!    any earlier point leaves no manifest, hence no entry; what it leaves (objects without
-//!    a manifest, a staging dir) is garbage for `gc`, never wrong data.
-//! 4. The staging and checkpoint directories are removed.
+//!    (dedup). New objects are made read-only (and fsync'ed, when `CacheOptions::fsync` is
+//!    on) before the rename, so an object that exists is complete.
+//! 3. The log moves into `entries/<key>/`, and `manifest.json` is written *last* (temp +
+//!    rename, with an fsync of the file and of the directory when fsync is on). It is the
+//!    commit marker: a crash at any earlier point leaves no manifest, hence no entry; what
+//!    it leaves (objects without a manifest, a staging dir) is garbage for `gc`, never
+//!    wrong data.
+//! 4. The checkpoint directory is removed; the staging directory (by then only empty
+//!    directories and deduplicated copies) is renamed to `tmp/trash.*` and removed on a
+//!    background thread.
 //!
-//! Object renames are not followed by an fsync of `objects/<aa>/`: if a power loss undoes
+//! fsync is off by default (see "Durability" in the crate docs): crash (SIGKILL) safety
+//! rests on the steps' order and the atomic renames, not on fsync. Even with fsync on,
+//! object renames are not followed by an fsync of `objects/<aa>/`: if a power loss undoes
 //! one, `lookup` finds the object missing and reports a miss, which is sound.
 
 use std::fs;
@@ -228,9 +233,21 @@ impl Cache {
             self.opts.fsync,
         )?;
 
-        // 4. Clean up; failures here leave garbage for gc, not a bad entry.
-        drop(staging);
-        let _ = fsutil::remove_tree(&self.root, &self.v.join("checkpoints").join(key.to_hex()));
+        // 4. Clean up; failures here leave garbage for gc, not a bad entry. The staging dir
+        // leaves its place with one rename and the removal of its (emptied) tree goes to
+        // the background reaper: several rmdirs off the critical path. The checkpoint dir
+        // is named by the key alone and a new attempt at the key could recreate it, so it
+        // goes now: usually empty, a single rmdir.
+        let trash = self.v.join("tmp").join(fsutil::unique_name("trash"));
+        if fs::rename(&staging.dir, &trash).is_ok() {
+            staging.keep = true;
+            self.reaper.remove_later(trash);
+        }
+        drop(staging); // removes it in place if the rename failed
+        let ckpt = self.v.join("checkpoints").join(key.to_hex());
+        if fs::remove_dir(&ckpt).is_err() {
+            let _ = fsutil::remove_tree(&self.root, &ckpt);
+        }
         Ok(Entry {
             key,
             dir: edir,

@@ -125,6 +125,70 @@ pub(crate) fn remove_tree(root: &Path, path: &Path) -> Result<()> {
     }
 }
 
+/// Removes directory trees on a background thread, off the caller's critical path.
+///
+/// Removing a commit's emptied staging directory takes several directory removals, each a
+/// journaled metadata operation: on a busy disk that is milliseconds per stage, paid while
+/// the next stage waits. Nothing depends on the removal being done (a leftover is garbage
+/// that `gc` collects), so it is handed to this thread. The thread starts on first use;
+/// [`Reaper::flush`] waits for everything queued (gc calls it first, and dropping the
+/// [`crate::Cache`] does, so a process's debris is gone by the time it exits normally).
+#[derive(Debug, Default)]
+pub(crate) struct Reaper {
+    worker: std::sync::Mutex<Option<ReaperWorker>>,
+}
+
+#[derive(Debug)]
+struct ReaperWorker {
+    tx: std::sync::mpsc::Sender<PathBuf>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Reaper {
+    /// Queues `path` for removal (best effort, like the synchronous removal it replaces);
+    /// removes it right away if no thread can be started.
+    pub(crate) fn remove_later(&self, path: PathBuf) {
+        let mut worker = self.worker.lock().unwrap_or_else(|p| p.into_inner());
+        if worker.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel::<PathBuf>();
+            let spawned = std::thread::Builder::new()
+                .name("cache-reaper".into())
+                .spawn(move || {
+                    for p in rx {
+                        let _ = remove_tree(Path::new("/"), &p);
+                    }
+                });
+            match spawned {
+                Ok(thread) => *worker = Some(ReaperWorker { tx, thread }),
+                Err(_) => {
+                    let _ = remove_tree(Path::new("/"), &path);
+                    return;
+                }
+            }
+        }
+        if let Some(w) = worker.as_ref()
+            && let Err(std::sync::mpsc::SendError(p)) = w.tx.send(path)
+        {
+            let _ = remove_tree(Path::new("/"), &p);
+        }
+    }
+
+    /// Waits until every queued removal is done.
+    pub(crate) fn flush(&self) {
+        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(ReaperWorker { tx, thread }) = worker {
+            drop(tx); // ends the thread's loop once the queue is drained
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 /// Total size of the files under `path` (for gc accounting); errors count as 0.
 pub(crate) fn du(path: &Path) -> u64 {
     walkdir::WalkDir::new(path)
@@ -196,6 +260,25 @@ mod tests {
             err.to_string(),
             "no space left on device while writing `/dev/full`"
         );
+    }
+
+    #[test]
+    fn reaper_removes_queued_trees_by_flush() {
+        let t = tempfile::tempdir().unwrap();
+        let r = Reaper::default();
+        let dirs: Vec<PathBuf> = (0..3).map(|i| t.path().join(format!("d{i}"))).collect();
+        for d in &dirs {
+            fs::create_dir_all(d.join("a/b")).unwrap();
+            fs::write(d.join("a/f"), b"x").unwrap();
+            r.remove_later(d.clone());
+        }
+        r.flush();
+        assert!(dirs.iter().all(|d| !d.exists()));
+        // Usable again after a flush (a new thread starts).
+        fs::create_dir(t.path().join("again")).unwrap();
+        r.remove_later(t.path().join("again"));
+        drop(r);
+        assert!(!t.path().join("again").exists());
     }
 
     #[test]

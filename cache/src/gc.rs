@@ -59,6 +59,8 @@ impl Cache {
     /// # Errors
     /// The cache is not writable.
     pub fn gc(&self, keep: &HashSet<Key>) -> Result<GcStats> {
+        // This process's queued staging removals first, so they are not counted as debris.
+        self.reaper.flush();
         let lock_path = self.v.join("gc.lock");
         let gc_lock = OpenOptions::new()
             .create(true)

@@ -39,8 +39,9 @@ pub const LAYOUT_VERSION: &str = "v1";
 pub struct CacheOptions {
     /// Rehash everything: bypass the stat cache and re-verify trees on every materialize.
     pub paranoid: bool,
-    /// fsync objects, manifests and directories on commit (on by default; off only makes
-    /// sense for throwaway caches and benchmarks).
+    /// fsync objects, the manifest and its directory on commit, for durability across a
+    /// power loss or kernel crash. Off by default: see "Durability" in the crate docs; the
+    /// default is on when the environment sets `PIPELINE_FSYNC=1` ([`FSYNC_ENV`]).
     pub fsync: bool,
     /// How often a lock holder refreshes its heartbeat.
     pub heartbeat: Duration,
@@ -52,11 +53,26 @@ impl Default for CacheOptions {
     fn default() -> Self {
         Self {
             paranoid: false,
-            fsync: true,
+            fsync: fsync_from_env(),
             heartbeat: Duration::from_secs(5),
             stale_after: 6,
         }
     }
+}
+
+/// The environment variable that turns fsync on for [`CacheOptions::default`]: `1`, `true`,
+/// `yes` or `on` (any case) mean on, anything else (or unset) off.
+pub const FSYNC_ENV: &str = "PIPELINE_FSYNC";
+
+fn fsync_from_env() -> bool {
+    std::env::var(FSYNC_ENV).is_ok_and(|v| parse_flag(&v))
+}
+
+fn parse_flag(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
 }
 
 /// The content-addressed store. `Sync`: share one per process across threads.
@@ -73,6 +89,8 @@ pub struct Cache {
     pub(crate) verified_objects: Mutex<HashSet<Digest>>,
     /// The process's shared gc flock and the number of threads using it.
     gc_lock: Mutex<(Option<File>, usize)>,
+    /// Removes emptied staging directories in the background (see [`fsutil::Reaper`]).
+    pub(crate) reaper: fsutil::Reaper,
 }
 
 /// A hold on the shared gc lock; the last one in the process releases the flock.
@@ -136,6 +154,7 @@ impl Cache {
             verified_trees: Mutex::new(HashSet::new()),
             verified_objects: Mutex::new(HashSet::new()),
             gc_lock: Mutex::new((None, 0)),
+            reaper: fsutil::Reaper::default(),
         })
     }
 
@@ -531,5 +550,20 @@ impl Cache {
     /// As [`hash::hash_tree`].
     pub fn hash_output_tree(&self, dir: &Path) -> Result<Tree> {
         hash::hash_tree_with(dir, Some(&self.stat), false)
+    }
+}
+
+#[cfg(test)]
+mod fsync_flag_tests {
+    use super::parse_flag;
+
+    #[test]
+    fn fsync_flag_values() {
+        for on in ["1", "true", "YES", " on "] {
+            assert!(parse_flag(on), "{on:?}");
+        }
+        for off in ["", "0", "false", "no", "off", "2"] {
+            assert!(!parse_flag(off), "{off:?}");
+        }
     }
 }
