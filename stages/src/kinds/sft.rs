@@ -87,7 +87,7 @@ pub fn load_records(
 /// A record's alternating human/gpt turns as chat turns.
 fn chat_turns(rec: &TrainRecord) -> Result<Vec<Turn>, String> {
     let c = &rec.conversations;
-    if c.is_empty() || c.len() % 2 != 0 {
+    if c.is_empty() || !c.len().is_multiple_of(2) {
         return Err(format!(
             "`conversations` has {} turns; expected human/gpt pairs",
             c.len()
