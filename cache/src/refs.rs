@@ -46,6 +46,15 @@ impl Cache {
         fsutil::write_atomic(&self.root, &p, &bytes, false)
     }
 
+    /// Whether any stage of `experiment` has a ref: `false` lets a planner skip one
+    /// [`Cache::get_ref`] per stage on a cache that never ran the experiment. Unsafe names
+    /// have no refs.
+    #[must_use]
+    pub fn has_refs(&self, experiment: &str) -> bool {
+        fsutil::safe_join(&self.v.join("refs"), "experiment", experiment, false)
+            .is_ok_and(|dir| dir.is_dir())
+    }
+
     /// The last committed key of `stage` in `experiment`, if any. An unreadable ref is
     /// treated as absent (it only feeds explanations).
     ///

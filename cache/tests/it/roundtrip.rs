@@ -114,7 +114,11 @@ fn refs_and_run_links() {
     let t = tempfile::tempdir().unwrap();
     let c = open(&t.path().join("c"));
     assert_eq!(c.get_ref("exp", "task/GQA").unwrap(), None);
+    assert!(!c.has_refs("exp"));
     c.set_ref("exp", "task/GQA", &key("1")).unwrap();
+    assert!(c.has_refs("exp"));
+    assert!(!c.has_refs("other"));
+    assert!(!c.has_refs("../exp"));
     c.set_ref("exp", "task/GQA", &key("2")).unwrap();
     assert_eq!(c.get_ref("exp", "task/GQA").unwrap(), Some(key("2")));
     assert!(c.set_ref("exp", "../x", &key("1")).is_err());
