@@ -15,6 +15,7 @@
 //! (batch, KV head) groups, so each task owns its query heads' `dq` and its `dk`, `dv`
 //! exclusively: no atomics, deterministic sums for a given thread count.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
@@ -99,6 +100,54 @@ impl Attention {
     }
 }
 
+/// Keys or values `[b, h, t, d]` for the forward: each (batch, head) block of `t × d` is
+/// contiguous, but blocks may sit at any stride. That is the layout of a prefix view of
+/// the preallocated KV cache (`[b, h, cap, d]` narrowed to `t` positions), which the
+/// kernel thus reads without first copying it into a contiguous tensor.
+struct HeadBlocks<'a> {
+    data: &'a [f32],
+    start: usize,
+    batch_stride: usize,
+    head_stride: usize,
+    len: usize,
+}
+
+impl<'a> HeadBlocks<'a> {
+    fn new(s: &'a CpuStorage, l: &Layout) -> Result<Self> {
+        let CpuStorage::F32(data) = s else {
+            bail!(
+                "attention: fused kernel needs f32 input, got {:?}",
+                s.dtype()
+            )
+        };
+        if !blocks_contiguous(l) {
+            bail!("attention: keys/values need contiguous [t, d] blocks per head");
+        }
+        let (st, dims) = (l.stride(), l.dims());
+        Ok(Self {
+            data,
+            start: l.start_offset(),
+            batch_stride: st[0],
+            head_stride: st[1],
+            len: dims[2] * dims[3],
+        })
+    }
+
+    #[inline]
+    fn block(&self, b: usize, h: usize) -> &'a [f32] {
+        let o = self.start + b * self.batch_stride + h * self.head_stride;
+        &self.data[o..o + self.len]
+    }
+}
+
+/// Whether a rank-4 layout has a contiguous `[t, d]` block per (batch, head).
+pub(crate) fn blocks_contiguous(l: &Layout) -> bool {
+    match (l.dims(), l.stride()) {
+        ([_, _, t, d], [_, _, st, sd]) => (*sd == 1 || *d <= 1) && (*st == *d || *t <= 1),
+        _ => false,
+    }
+}
+
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Four accumulators let the compiler vectorize without reassociating a single sum.
@@ -139,11 +188,8 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dm = Dims::new(l1.dims(), l2.dims(), l3.dims())?;
-        let (q, k, v) = (
-            slice(s1, l1, "attention")?,
-            slice(s2, l2, "attention")?,
-            slice(s3, l3, "attention")?,
-        );
+        let q = slice(s1, l1, "attention")?;
+        let (k, v) = (HeadBlocks::new(s2, l2)?, HeadBlocks::new(s3, l3)?);
         let Dims {
             hq, hkv, s, t, d, ..
         } = dm;
@@ -154,8 +200,7 @@ impl CustomOp3 for Attention {
                 || vec![0f32; t],
                 |p, (bh, o)| {
                     let (bi, h) = (bh / hq, bh % hq);
-                    let kvo = (bi * hkv + h / n_rep) * t * d;
-                    let (kh, vh) = (&k[kvo..kvo + t * d], &v[kvo..kvo + t * d]);
+                    let (kh, vh) = (k.block(bi, h / n_rep), v.block(bi, h / n_rep));
                     for i in 0..s {
                         let qr = &q[(bh * s + i) * d..(bh * s + i + 1) * d];
                         self.probs(qr, kh, self.mask_row(dm, bi, h, i), d, p);

@@ -101,9 +101,19 @@ pub fn attention(
         };
         return q
             .contiguous()?
-            .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
+            .apply_op3(&head_blocks(k)?, &head_blocks(v)?, op);
     }
     reference::attention(q, k, v, mask, scale)
+}
+
+/// `x` itself when each (batch, head) `[t, d]` block is already contiguous (a KV-cache
+/// prefix view), else a contiguous copy.
+fn head_blocks(x: &Tensor) -> Result<Tensor> {
+    if attention::blocks_contiguous(x.layout()) {
+        Ok(x.clone())
+    } else {
+        x.contiguous()
+    }
 }
 
 /// CLIP's `x · σ(1.702 x)`.
