@@ -93,3 +93,44 @@ fn explain_lists_every_difference_even_for_a_reverted_hit() {
     assert_eq!(diffs, ["param `p` changed (30 → 3)"]);
     assert!(e.previous_key.is_some());
 }
+
+/// A join stage reading many stages that may rerun: one `input-changed` per upstream, in
+/// input order, and the plan stays `maybe` (this shape used to make planning quadratic).
+#[test]
+fn fan_in_join_lists_each_rerunning_upstream_once() {
+    const N: usize = 40;
+    let fan = |root_p: u32| {
+        let mut s = format!(
+            "[experiment]\nname = \"t\"\nseed = 1\n\n[stages.root]\nkind = \"test.echo\"\np = {root_p}\n"
+        );
+        let mut deps = Vec::new();
+        for i in 0..N {
+            s.push_str(&format!(
+                "\n[stages.m{i:02}]\nkind = \"test.echo\"\np = {i}\ndeps = [\"@root\"]\n"
+            ));
+            deps.push(format!("\"@m{i:02}\""));
+        }
+        s.push_str(&format!(
+            "\n[stages.join]\nkind = \"test.echo\"\np = 0\ndeps = [{}]\n",
+            deps.join(", ")
+        ));
+        s
+    };
+    let p = Project::new();
+    p.run(&fan(1));
+    let edited = p.load(&fan(2), &[]);
+    let plan = plan::plan(
+        &edited,
+        &p.registry,
+        &p.cache,
+        &KeyEnv::default(),
+        &BTreeSet::new(),
+    );
+    let join = plan.rows.iter().find(|r| r.stage == "join").unwrap();
+    assert_eq!(join.status, Status::Maybe);
+    let reasons: Vec<String> = join.reasons.iter().map(ToString::to_string).collect();
+    let expected: Vec<String> = (0..N)
+        .map(|i| format!("input `deps` changed (upstream `m{i:02}` reran)"))
+        .collect();
+    assert_eq!(reasons, expected);
+}
