@@ -308,30 +308,7 @@ fn run_command(ctx: &mut StageCtx<'_>, cmd: &str) -> Result<(), StageError> {
     // The command holds the only write ends now; drop ours so EOF comes when it exits.
     drop(command);
     let pid = child.id();
-    let cancel = ctx.cancel.clone();
-    // The watcher reaps the child. It must notice both the exit (at once: this wait is on
-    // the critical path of every shell stage) and a cancel (promptly, to kill the group).
-    let watcher = std::thread::spawn(move || wait_or_kill(child, pid, &cancel));
-    let mut buf = [0u8; 8192];
-    loop {
-        match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => ctx
-                .log
-                .write_all(&buf[..n])
-                .map_err(|e| StageError::Other(format!("cannot write the stage log: {e}")))?,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(StageError::Other(format!(
-                    "cannot read the command's output: {e}"
-                )));
-            }
-        }
-    }
-    let status = watcher
-        .join()
-        .map_err(|_| StageError::Other("BUG: the shell watcher thread panicked".into()))?
-        .map_err(|e| StageError::Other(format!("cannot wait for `sh`: {e}")))?;
+    let status = pump_and_wait(ctx, child, pid, &mut reader)?;
     if ctx.cancel.load(Ordering::Relaxed) {
         return Err(StageError::Cancelled);
     }
@@ -345,36 +322,90 @@ fn run_command(ctx: &mut StageCtx<'_>, cmd: &str) -> Result<(), StageError> {
     Ok(())
 }
 
-/// How often a waiting watcher looks at the cancel flag.
+/// How often a waiting stage looks at the cancel flag.
 const CANCEL_CHECK: Duration = Duration::from_millis(10);
 
-/// Waits for `child`, killing its process group as soon as `cancel` is set.
+/// Copies the command's output into the stage log until EOF and reaps the child, killing
+/// its process group as soon as the run is cancelled. Returns the exit status.
 ///
-/// The exit is noticed without delay through a pidfd (Linux 5.3+): `poll` on it returns the
-/// moment the child exits, and its timeout only bounds how late a cancel is seen. Where
-/// pidfds are unavailable we fall back to `try_wait` with a short, growing sleep (0.1 ms up
-/// to [`CANCEL_CHECK`]), so quick commands are still reaped within a fraction of their run
-/// time. (A fixed 10 ms poll used to cost every trivial stage ~5-10 ms.)
-fn wait_or_kill(
+/// One thread, one `poll` over the output pipe and a pidfd of the child (Linux 5.3+): the
+/// output and the exit are both seen the moment they happen, which matters because this
+/// wait is on the critical path of every shell stage (a 10 ms sleep-and-`try_wait` watcher
+/// thread used to cost each trivial stage several ms). The poll timeout only bounds how
+/// late a cancel is noticed. Without a pidfd the exit is found by `try_wait` after each
+/// wake-up, with a short growing sleep (0.1 ms up to [`CANCEL_CHECK`]) once the pipe is
+/// closed. The log is complete only at EOF, so a command whose background process keeps
+/// the pipe open is waited for, as a shell would.
+fn pump_and_wait(
+    ctx: &mut StageCtx<'_>,
     mut child: std::process::Child,
     pid: u32,
-    cancel: &std::sync::atomic::AtomicBool,
-) -> std::io::Result<std::process::ExitStatus> {
+    reader: &mut std::io::PipeReader,
+) -> Result<std::process::ExitStatus, StageError> {
+    use std::os::fd::AsRawFd;
+    let wait_err = |e: std::io::Error| StageError::Other(format!("cannot wait for `sh`: {e}"));
     let pidfd = PidFd::open(pid);
+    let mut status = None;
+    let mut pipe_open = true;
+    let mut check_child = true;
     let mut nap = Duration::from_micros(100);
+    let mut buf = [0u8; 8192];
     loop {
-        if cancel.load(Ordering::Relaxed) {
+        if ctx.cancel.load(Ordering::Relaxed) {
             kill_group(pid);
-            return child.wait();
+            return match status {
+                Some(s) => Ok(s),
+                None => child.wait().map_err(wait_err),
+            };
         }
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
+        if status.is_none() && check_child {
+            status = child.try_wait().map_err(wait_err)?;
         }
-        match &pidfd {
-            Some(fd) => fd.wait_readable(CANCEL_CHECK),
-            None => {
-                std::thread::sleep(nap);
-                nap = (nap * 2).min(CANCEL_CHECK);
+        if let (Some(s), false) = (status, pipe_open) {
+            return Ok(s);
+        }
+        let mut fds: [libc::pollfd; 2] = [libc::pollfd {
+            fd: -1, // ignored by poll
+            events: libc::POLLIN,
+            revents: 0,
+        }; 2];
+        if pipe_open {
+            fds[0].fd = reader.as_raw_fd();
+        }
+        if let (None, Some(p)) = (status, &pidfd) {
+            fds[1].fd = p.0.as_raw_fd();
+        }
+        let timeout = if !pipe_open && pidfd.is_none() {
+            let t = nap;
+            nap = (nap * 2).min(CANCEL_CHECK);
+            t
+        } else {
+            CANCEL_CHECK
+        };
+        let ms = libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(10);
+        // SAFETY: two valid pollfds (a negative fd is skipped by poll), count 2. An error
+        // (EINTR) just means another turn of the loop.
+        unsafe {
+            libc::poll(fds.as_mut_ptr(), 2, ms);
+        }
+        check_child = pidfd.is_none() || fds[1].revents != 0;
+        if pipe_open && fds[0].revents != 0 {
+            // Readable or hung up: this read does not block.
+            let failed = match reader.read(&mut buf) {
+                Ok(0) => {
+                    pipe_open = false;
+                    None
+                }
+                Ok(n) => (ctx.log.write_all(&buf[..n]).err())
+                    .map(|e| format!("cannot write the stage log: {e}")),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => None,
+                Err(e) => Some(format!("cannot read the command's output: {e}")),
+            };
+            if let Some(msg) = failed {
+                // Not left running (or unreaped) behind a stage that already failed.
+                kill_group(pid);
+                let _ = child.wait();
+                return Err(StageError::Other(msg));
             }
         }
     }
@@ -393,22 +424,6 @@ impl PidFd {
         let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
         // SAFETY: the kernel just gave us this fd; nothing else owns it.
         Some(Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
-    }
-
-    /// Blocks until the process exits or `timeout` passes (or a signal interrupts).
-    fn wait_readable(&self, timeout: Duration) {
-        use std::os::fd::AsRawFd;
-        let mut pfd = libc::pollfd {
-            fd: self.0.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one valid pollfd, count 1. The result is not needed: the caller re-checks
-        // the child and the cancel flag either way.
-        unsafe {
-            libc::poll(&raw mut pfd, 1, ms);
-        }
     }
 }
 

@@ -101,3 +101,36 @@ cmd = "echo to-stderr >&2; exit 3"
     );
     assert_eq!(read(&log), "to-stderr\n");
 }
+
+#[test]
+fn large_output_and_a_lingering_background_writer_are_all_logged() {
+    // More than a pipe buffer (64 KiB) of output, so the stage must keep draining the pipe
+    // while it waits for the exit; then `sh` exits while a background process still holds
+    // the pipe: its late line belongs in the log too (EOF, not the exit, ends the log).
+    let p = Project::new();
+    let out = p.run(
+        r#"
+[experiment]
+name = "t"
+
+[stages.s]
+kind = "shell"
+cmd = "yes line | head -c 200000; echo to-stderr >&2; (sleep 0.3; echo late) & echo ok > ${outs}"
+outs = ["out/s.txt"]
+"#,
+    );
+    assert_eq!(out.ran(), ["s"], "{:?}", out.summary);
+    let entries: Vec<_> = std::fs::read_dir(p.path(".pipeline/v1/entries"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 1);
+    let log = read(&entries[0].join("log.txt"));
+    assert_eq!(log.len(), 200_000 + "to-stderr\n".len() + "late\n".len());
+    assert!(log.starts_with("line\nline\n"));
+    assert!(
+        log.ends_with("to-stderr\nlate\n"),
+        "{:?}",
+        &log[log.len() - 40..]
+    );
+}
