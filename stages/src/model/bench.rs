@@ -2,7 +2,8 @@
 //!
 //! Measured, each as the median over `steps` runs after one warm-up:
 //! - `forward_ms`: one no-grad forward of a batch `[batch, image tokens + text_len]`;
-//! - `lora_step_ms`: forward + masked cross-entropy over the text positions + backward +
+//! - `lora_step_ms`: forward (LM head at the text positions only, see
+//!   [`super::generate::sequence_logprobs`]) + masked cross-entropy over them + backward +
 //!   AdamW on the LoRA factors (rank `lora_rank` on every language-model projection, the
 //!   usual LLaVA LoRA), base frozen;
 //! - `full_step_ms`: the same with LLaVA-1.5 full fine-tuning (language model + projector
@@ -22,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::{Rng, SeedableRng};
 
-use super::generate::{GenPrompt, GenerateOptions, generate, token_logprobs};
+use super::generate::{GenPrompt, GenerateOptions, generate, sequence_logprobs};
 use super::{Llava, LoraConfig, ModelError, Result, TrainMode};
 
 /// Where the benchmarked model comes from.
@@ -215,8 +216,15 @@ fn batch(model: &Llava, b: usize, text_len: usize, seed: u64) -> Result<Batch> {
 
 /// One training step: masked next-token CE on the text, backward, AdamW.
 fn train_step(model: &Llava, data: &Batch, opt: &mut AdamW) -> Result<()> {
-    let logits = model.forward(&data.ids, Some(&data.pixels), None, None, None)?;
-    let lp = token_logprobs(&logits, &data.ids, &data.text_mask)?;
+    // The LM head runs only at the scored (text) positions (see `sequence_logprobs`).
+    let lp = sequence_logprobs(
+        model,
+        &data.ids,
+        Some(&data.pixels),
+        None,
+        None,
+        &data.text_mask,
+    )?;
     let loss = (lp.sum.sum_all()?.neg()? / lp.count.sum_all()?.to_scalar::<f32>()? as f64)?;
     opt.backward_step(&loss)?;
     Ok(())

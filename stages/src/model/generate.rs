@@ -212,7 +212,7 @@ fn generate_chunk(
     } else {
         Some(Tensor::cat(&images, 0)?)
     };
-    let mut cache = KvCache::new();
+    let mut cache = KvCache::with_capacity(len + opts.max_new_tokens);
     let input = Tensor::from_vec(ids, (b, len), &dev)?;
     let position = Tensor::from_vec(pos, (b, len), &dev)?;
     let mask = mask_tensor(&rows, &dev)?;
@@ -379,9 +379,15 @@ pub fn token_logprobs(
     })
 }
 
-/// Runs the model (no cache) and scores the masked tokens; see [`token_logprobs`].
-/// Training batches are right-padded: pass the attention mask and leave `position_ids`
-/// `None` (positions `0..s`).
+/// Runs the model (no cache) and scores the masked tokens; same result as
+/// [`token_logprobs`] on the full logits. Training batches are right-padded: pass the
+/// attention mask and leave `position_ids` `None` (positions `0..s`).
+///
+/// The LM head runs only at the positions that predict a scored token (hidden states
+/// gathered where `response_mask[:, 1:] != 0`): for LLaVA most positions are image and
+/// prompt tokens, so this skips most of the LM-head GEMMs and log-softmax forward and
+/// backward. Scores are scattered back into `per_token` with `index_add`, which is
+/// differentiable in the gathered values.
 pub fn sequence_logprobs(
     model: &Llava,
     input_ids: &Tensor,
@@ -390,8 +396,48 @@ pub fn sequence_logprobs(
     position_ids: Option<&Tensor>,
     response_mask: &Tensor,
 ) -> Result<SequenceLogprobs> {
-    let logits = model.forward(input_ids, pixel_values, attention_mask, position_ids, None)?;
-    token_logprobs(&logits, input_ids, response_mask)
+    let hidden =
+        model.forward_hidden(input_ids, pixel_values, attention_mask, position_ids, None)?;
+    let (b, s, dm) = hidden.dims3()?;
+    if s < 2 || input_ids.dims() != [b, s] || response_mask.dims() != [b, s] {
+        // Let the full path report the shape problem.
+        return token_logprobs(&model.lm_head(&hidden)?, input_ids, response_mask);
+    }
+    let dev = hidden.device();
+    let mask = response_mask.narrow(1, 1, s - 1)?.to_dtype(DType::F32)?;
+    let mask_v = mask.flatten_all()?.to_vec1::<f32>()?;
+    let rows: Vec<u32> = (0..mask_v.len() as u32)
+        .filter(|&i| mask_v[i as usize] != 0.0)
+        .collect();
+    if rows.is_empty() {
+        return token_logprobs(&model.lm_head(&hidden)?, input_ids, response_mask);
+    }
+    let targets: Vec<u32> = input_ids
+        .narrow(1, 1, s - 1)?
+        .to_dtype(DType::U32)?
+        .flatten_all()?
+        .to_vec1()?;
+    let picked_t: Vec<u32> = rows.iter().map(|&r| targets[r as usize]).collect();
+    let weights: Vec<f32> = rows.iter().map(|&r| mask_v[r as usize]).collect();
+    let n = rows.len();
+    let rows = Tensor::from_vec(rows, n, dev)?;
+    let h = hidden
+        .narrow(1, 0, s - 1)?
+        .reshape((b * (s - 1), dm))?
+        .index_select(&rows, 0)?;
+    let lsm = crate::ops::log_softmax_last_dim(&model.lm_head(&h)?.to_dtype(DType::F32)?)?;
+    let picked = lsm
+        .gather(&Tensor::from_vec(picked_t, (n, 1), dev)?, 1)?
+        .squeeze(1)?;
+    let picked = (picked * Tensor::from_vec(weights, n, dev)?)?;
+    let per_token = Tensor::zeros(b * (s - 1), DType::F32, dev)?
+        .index_add(&rows, &picked, 0)?
+        .reshape((b, s - 1))?;
+    Ok(SequenceLogprobs {
+        sum: per_token.sum(1)?,
+        count: mask.sum(1)?,
+        per_token,
+    })
 }
 
 #[cfg(test)]
@@ -414,6 +460,62 @@ mod tests {
         assert!((per[0][1] - want).abs() < 1e-6);
         assert!((lp.sum.to_vec1::<f32>().unwrap()[0] - want).abs() < 1e-6);
         assert_eq!(lp.count.to_vec1::<f32>().unwrap(), [1.0]);
+    }
+
+    #[test]
+    fn gathered_sequence_logprobs_match_the_full_logits_path_with_gradients() {
+        let cfg = crate::model::preset::llava_tiny();
+        let img = cfg.image_token_index;
+        let mut model = Llava::from_config_random(cfg, 7, DType::F32, &Device::Cpu).unwrap();
+        let mode = crate::model::TrainMode {
+            lora: false,
+            projector: false,
+            language_model: true,
+            vision: false,
+        };
+        let vars = model.trainable_vars(mode).unwrap();
+        let (b, s) = (2, 6);
+        let ids: Vec<u32> = (0..(b * s) as u32).map(|i| 5 + i * 7 % 90).collect();
+        assert!(!ids.contains(&img));
+        let ids = Tensor::from_vec(ids, (b, s), &Device::Cpu).unwrap();
+        let mask = Tensor::new(
+            &[
+                [0f32, 0.0, 1.0, 1.0, 0.0, 1.0],
+                [0.0, 1.0, 0.0, 0.0, 1.0, 1.0],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let fast = sequence_logprobs(&model, &ids, None, None, None, &mask).unwrap();
+        let logits = model.forward(&ids, None, None, None, None).unwrap();
+        let full = token_logprobs(&logits, &ids, &mask).unwrap();
+        let close = |a: &Tensor, b: &Tensor| {
+            let (a, b) = (
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+        };
+        close(&fast.per_token, &full.per_token);
+        close(&fast.sum, &full.sum);
+        close(&fast.count, &full.count);
+        let gf = fast.sum.sum_all().unwrap().backward().unwrap();
+        let gs = full.sum.sum_all().unwrap().backward().unwrap();
+        let mut compared = 0;
+        for (name, v) in &vars {
+            match (gf.get(v.as_tensor()), gs.get(v.as_tensor())) {
+                (Some(a), Some(b)) => {
+                    close(a, b);
+                    compared += 1;
+                }
+                (None, None) => {}
+                _ => panic!("{name}: gradient present on one path only"),
+            }
+        }
+        assert!(compared > 10, "only {compared} gradients compared");
     }
 
     #[test]

@@ -79,6 +79,50 @@ pub fn shifted_nll_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usiz
     Ok((logp.sum_all()?.neg()?, targets.len()))
 }
 
+/// [`shifted_nll_sum`] from final hidden states `hidden` `[b, s, d]` and the LM head
+/// `lm_head` (row-wise, `[n, d] -> [n, vocab]`): the head runs only at the `n` labelled
+/// rows, gathered before it. The head is applied row by row either way, so the sum equals
+/// applying it to every position first (up to GEMM rounding); for LLaVA, where most
+/// positions are image and prompt tokens, it skips most of the LM-head GEMMs and the
+/// log-softmax work, forward and backward.
+pub fn shifted_nll_sum_hidden(
+    hidden: &Tensor,
+    labels: &Tensor,
+    vocab: usize,
+    lm_head: &dyn Fn(&Tensor) -> Result<Tensor, TrainError>,
+) -> Result<(Tensor, usize), TrainError> {
+    let (b, s, d) = hidden.dims3()?;
+    if labels.dims() != [b, s] {
+        return Err(TrainError::Data(format!(
+            "labels have shape {:?} but hidden states are {:?}",
+            labels.dims(),
+            hidden.dims()
+        )));
+    }
+    let targets = shifted_targets(labels, vocab)?;
+    if targets.is_empty() {
+        let zero = hidden.sum_all()?.to_dtype(DType::F32)?.affine(0.0, 0.0)?;
+        return Ok((zero, 0));
+    }
+    let dev = hidden.device();
+    let rows = Tensor::from_iter(targets.iter().map(|t| t.0), dev)?;
+    let ids = Tensor::from_iter(targets.iter().map(|t| t.1), dev)?.unsqueeze(1)?;
+    let picked = hidden
+        .narrow(1, 0, s - 1)?
+        .reshape((b * (s - 1), d))?
+        .index_select(&rows, 0)?;
+    let logits = lm_head(&picked)?;
+    if logits.dims() != [targets.len(), vocab] {
+        return Err(TrainError::Data(format!(
+            "LM head returned {:?} for {} rows, expected vocabulary {vocab}",
+            logits.dims(),
+            targets.len()
+        )));
+    }
+    let logp = log_softmax_last_dim(&logits.to_dtype(DType::F32)?)?.gather(&ids, 1)?;
+    Ok((logp.sum_all()?.neg()?, targets.len()))
+}
+
 /// Mean cross-entropy over labelled targets (transformers' causal-LM loss for one batch).
 pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor, TrainError> {
     let (sum, n) = shifted_nll_sum(logits, labels)?;
@@ -197,6 +241,41 @@ pub fn sft_micro_loss(
     })
 }
 
+/// [`sft_micro_loss`] from final hidden states and the LM head. Without hooks, the head
+/// runs only at the labelled positions ([`shifted_nll_sum_hidden`]); hooks see the full
+/// logits, so with any hook the head runs everywhere and this is exactly
+/// [`sft_micro_loss`].
+#[allow(clippy::too_many_arguments)]
+pub fn sft_micro_loss_hidden(
+    hidden: &Tensor,
+    lm_head: &dyn Fn(&Tensor) -> Result<Tensor, TrainError>,
+    vocab: usize,
+    labels: &Tensor,
+    window_targets: usize,
+    hooks: &mut [Box<dyn LossHook>],
+    step: u64,
+    micro: usize,
+    vars: &[(String, Var)],
+) -> Result<MicroLoss, TrainError> {
+    if !hooks.is_empty() {
+        let logits = lm_head(hidden)?;
+        return sft_micro_loss(&logits, labels, window_targets, hooks, step, micro, vars);
+    }
+    if window_targets == 0 {
+        return Err(TrainError::Data(
+            "accumulation window has no labelled targets".into(),
+        ));
+    }
+    let (sum, _) = shifted_nll_sum_hidden(hidden, labels, vocab, lm_head)?;
+    let total = (sum / window_targets as f64)?;
+    let task = total.to_scalar::<f32>()? as f64;
+    Ok(MicroLoss {
+        total,
+        task,
+        extras: Vec::new(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +304,57 @@ mod tests {
     fn nll(row: &[f64], target: usize) -> f64 {
         let lse = row.iter().map(|x| x.exp()).sum::<f64>().ln();
         lse - row[target]
+    }
+
+    #[test]
+    fn hidden_path_matches_full_logits_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        // b=2, s=4, d=3, vocab=5; the head is a trainable [5, 3] matrix.
+        let hv: Vec<f32> = (0..24).map(|i| ((i * 7 % 11) as f32 - 5.0) / 4.0).collect();
+        let hidden = Var::from_tensor(&Tensor::from_vec(hv, (2, 4, 3), &dev).unwrap()).unwrap();
+        let wv: Vec<f32> = (0..15).map(|i| ((i * 5 % 7) as f32 - 3.0) / 3.0).collect();
+        let w = Var::from_tensor(&Tensor::from_vec(wv, (5, 3), &dev).unwrap()).unwrap();
+        let head = |x: &Tensor| -> Result<Tensor, TrainError> {
+            Ok(x.broadcast_matmul(&w.as_tensor().t()?)?)
+        };
+        let labels = Tensor::new(&[[-100i64, 2, -100, 4], [-100, -100, 1, 0]], &dev).unwrap();
+        let (fast, n) = shifted_nll_sum_hidden(hidden.as_tensor(), &labels, 5, &head).unwrap();
+        let (full, m) = shifted_nll_sum(&head(hidden.as_tensor()).unwrap(), &labels).unwrap();
+        assert_eq!((n, m), (4, 4));
+        let (a, b): (f32, f32) = (fast.to_scalar().unwrap(), full.to_scalar().unwrap());
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "{a} vs {b}");
+        let (ga, gb) = (fast.backward().unwrap(), full.backward().unwrap());
+        for v in [&hidden, &w] {
+            let x = ga.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+            let y = gb.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+            for (x, y) in x
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .zip(y.to_vec1::<f32>().unwrap())
+            {
+                assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+        }
+        // No hooks: the micro loss agrees with the logits path; a bad label is still caught.
+        let mut hooks: Vec<Box<dyn LossHook>> = Vec::new();
+        let ml = sft_micro_loss_hidden(
+            hidden.as_tensor(),
+            &head,
+            5,
+            &labels,
+            8,
+            &mut hooks,
+            0,
+            0,
+            &[],
+        )
+        .unwrap();
+        let logits = head(hidden.as_tensor()).unwrap();
+        let want = sft_micro_loss(&logits, &labels, 8, &mut hooks, 0, 0, &[]).unwrap();
+        assert!((ml.task - want.task).abs() <= 1e-6 * want.task.abs());
+        let bad = Tensor::new(&[[-100i64, 9, -100, 4], [-100, -100, 1, 0]], &dev).unwrap();
+        assert!(shifted_nll_sum_hidden(hidden.as_tensor(), &bad, 5, &head).is_err());
     }
 
     #[test]

@@ -44,6 +44,7 @@ use std::path::PathBuf;
 
 pub use loss::{
     HookCtx, LossHook, MicroLoss, masked_cross_entropy, sequence_logprobs, sft_micro_loss,
+    sft_micro_loss_hidden, shifted_nll_sum_hidden,
 };
 pub use optim::{AdamW, AdamWConfig, Grads, ParamGroup, clip_grad_norm, global_grad_norm};
 pub use schedule::{Schedule, ScheduleKind};
