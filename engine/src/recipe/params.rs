@@ -86,6 +86,11 @@ pub(crate) fn check_params(
         if p.params.contains_key(spec.name) {
             continue;
         }
+        // A parameter the recipe (or `set`) gave a value that failed its check is reported
+        // as mistyped, never also as missing.
+        if t.get(spec.name).is_some() || set.iter().any(|(c, _)| *c == spec.name) {
+            continue;
+        }
         match &spec.default {
             Some(d) => {
                 p.params.insert(spec.name.to_string(), d.clone());

@@ -150,3 +150,12 @@ fn unreadable_recipe_is_an_error_not_a_panic() {
     assert_eq!(err.codes(), vec!["pipeline::recipe::io"]);
     assert!(err.problems()[0].message().contains("does_not_exist.toml"));
 }
+
+/// A required parameter given a value of the wrong type is one problem (mistyped), not two.
+#[test]
+fn mistyped_required_param_is_not_also_missing() {
+    let err = load("err/bad_set.toml", &["prep.cmd=true"]).expect_err("cmd is a string");
+    assert_eq!(err.codes(), vec!["pipeline::recipe::mistyped_param"]);
+    let err = load("err/bad_set.toml", &["prep.cmd=[1]"]).expect_err("cmd is a string");
+    assert_eq!(err.codes(), vec!["pipeline::recipe::mistyped_param"]);
+}
