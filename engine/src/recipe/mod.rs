@@ -58,12 +58,17 @@
 //! Every phase keeps going after a problem, so [`RecipeError`] lists all of them at once,
 //! each pointing at its file, line and column (see `error.rs` for the codes).
 
+mod chain;
 mod error;
 mod expand;
+mod experiment;
+mod items;
 mod load;
 mod overrides;
 mod params;
+mod reserved;
 mod resolve;
+mod template;
 mod value;
 
 use std::path::{Path, PathBuf};
@@ -168,7 +173,7 @@ pub fn load(path: &Path, overrides: &[String], registry: &Registry) -> Result<Re
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let (experiment, seed) = expand::experiment(&doc, &stem, &mut ctx);
+    let (experiment, seed) = experiment::experiment(&doc, &stem, &mut ctx);
     let expanded = expand::expand(&doc, registry, &mut ctx);
     let stages = resolve::resolve(expanded, &mut ctx);
     if !ctx.diags.is_empty() {

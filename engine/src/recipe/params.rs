@@ -10,7 +10,8 @@ use serde_json::{Map, Value};
 
 use super::Ctx;
 use super::error::{did_you_mean, one_of};
-use super::expand::{Pending, PendingRef, RESERVED, is_ref_type, subst};
+use super::expand::{Pending, PendingRef, RESERVED, is_ref_type};
+use super::template::subst;
 use super::value::{Node, Table, V};
 use crate::stage::{ArtifactType, ParamSpec, ParamType};
 
