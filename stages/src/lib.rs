@@ -6,6 +6,7 @@ pub mod model;
 
 pub mod kinds;
 pub mod ops;
+pub mod report;
 pub mod train;
 
 pub use kinds::register_all;

@@ -6,6 +6,7 @@
 pub mod cl_metrics;
 pub mod coin_data;
 pub mod coin_eval;
+pub mod report;
 pub mod sft;
 pub mod train_kinds;
 
@@ -17,4 +18,5 @@ pub fn register_all(registry: &mut Registry) {
     train_kinds::register(registry);
     coin_eval::register(registry);
     cl_metrics::register(registry);
+    report::register(registry);
 }
