@@ -23,7 +23,7 @@ use crate::model::tokenizer::LlavaTokenizer;
 use crate::model::{Llava, ModelError};
 use crate::train::{
     AdamWConfig, LossHook, MicroBatch, MicroLoss, Objective, ParamGroup, Schedule, ScheduleKind,
-    TrainConfig, TrainError, Trainer, sft_micro_loss,
+    TrainConfig, TrainError, Trainer, sft_micro_loss_hidden,
 };
 
 /// The conversation template every training and evaluation kind uses (LLaVA-1.5's).
@@ -126,10 +126,17 @@ pub struct Sft {
     pub pad: u32,
     /// Extra loss terms (RegLoRA).
     pub hooks: Vec<Box<dyn LossHook>>,
+    /// Preprocessed images by record index, filled on first use when the whole set fits in
+    /// [`PIXEL_CACHE_BYTES`]: small runs decode and resize each image once instead of once per
+    /// epoch, while a real-size dataset streams from disk as before.
+    pub pixel_cache: Vec<Option<Tensor>>,
 }
 
+/// Upper bound on the memory the preprocessed-image cache may take.
+pub const PIXEL_CACHE_BYTES: usize = 512 << 20;
+
 impl Sft {
-    fn pixels(&self, indices: &[usize]) -> Result<Option<Tensor>, TrainError> {
+    fn pixels(&mut self, indices: &[usize]) -> Result<Option<Tensor>, TrainError> {
         let with = indices
             .iter()
             .filter(|&&i| self.set.images[i].is_some())
@@ -143,11 +150,30 @@ impl Sft {
                     .into(),
             ));
         }
-        let imgs = indices
-            .iter()
-            .filter_map(|&i| self.set.images[i].as_ref())
-            .map(|p| self.proc.preprocess_file(p, &Device::Cpu).map_err(obj_err))
-            .collect::<Result<Vec<_>, _>>()?;
+        let (h, w) = self.proc.crop_size;
+        let per_image = 3 * h as usize * w as usize * std::mem::size_of::<f32>();
+        let cacheable = per_image.saturating_mul(self.set.images.len()) <= PIXEL_CACHE_BYTES;
+        if cacheable && self.pixel_cache.len() != self.set.images.len() {
+            self.pixel_cache = vec![None; self.set.images.len()];
+        }
+        let mut imgs = Vec::with_capacity(indices.len());
+        for &i in indices {
+            if let Some(t) = self.pixel_cache.get(i).and_then(Option::as_ref) {
+                imgs.push(t.clone());
+                continue;
+            }
+            let Some(p) = self.set.images[i].as_ref() else {
+                continue;
+            };
+            let t = self
+                .proc
+                .preprocess_file(p, &Device::Cpu)
+                .map_err(obj_err)?;
+            if cacheable {
+                self.pixel_cache[i] = Some(t.clone());
+            }
+            imgs.push(t);
+        }
         Ok(Some(Tensor::stack(&imgs, 0)?))
     }
 
@@ -176,9 +202,9 @@ impl Objective for Sft {
             .map_err(obj_err)?;
         let pixels = self.pixels(&mb.indices)?;
         self.model.set_dropout_seed(Some(mb.seed));
-        let logits = self
+        let hidden = self
             .model
-            .forward(
+            .forward_hidden(
                 &t.input_ids,
                 pixels.as_ref(),
                 Some(&t.attention_mask),
@@ -190,8 +216,13 @@ impl Objective for Sft {
             .labels
             .as_ref()
             .ok_or_else(|| TrainError::Data("BUG: training batch without labels".into()))?;
-        sft_micro_loss(
-            &logits,
+        // The LM head runs only at labelled positions unless a hook needs every logit.
+        let model = &self.model;
+        let head = |h: &Tensor| model.lm_head(h).map_err(obj_err);
+        sft_micro_loss_hidden(
+            &hidden,
+            &head,
+            model.config().text.vocab_size,
             labels,
             mb.window_targets,
             &mut self.hooks,

@@ -397,6 +397,7 @@ impl StageKind for Pretrain {
             proc,
             pad: tok.pad_id,
             hooks: Vec::new(),
+            pixel_cache: Vec::new(),
         };
         let log = run_training(ctx, &mut obj, groups, tcfg)?;
         write_model_dir(&ctx.output("model"), &obj.model, &tok, &log)
@@ -663,6 +664,7 @@ impl StageKind for LoraTrain {
             proc,
             pad: tok.pad_id,
             hooks,
+            pixel_cache: Vec::new(),
         };
         let log = run_training(ctx, &mut obj, groups, tcfg)?;
         let mut model = obj.model;
