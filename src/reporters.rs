@@ -2,13 +2,15 @@
 //!
 //! - [`Json`]: every event as one JSON line on stdout (the wire format of `engine::events`).
 //! - [`Human`]: cargo-style status lines on stderr (`   Running task/GQA`), `[RERUN]` /
-//!   `[CASCADE]` / `[HIT]` lines with `-v`, and indicatif bars (a run bar and one bar per
+//!   `[CASCADE]` / `[HIT]` lines with `-v` (which also prints each finished or cached stage's
+//!   stored log, indented by `      | `), and indicatif bars (a run bar and one bar per
 //!   stage that reports progress). Bars are drawn only when stderr is a terminal and neither
 //!   `--json`, `-v` nor `--no-progress` is given; while they are drawn, status lines go
 //!   through the bars so the two never garble each other.
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -92,6 +94,23 @@ impl Human {
         }
     }
 
+    /// With `-v`, the stage's captured output, indented under its status line, so that a
+    /// cached stage shows what it printed when it ran (as a running one does).
+    fn replay_log(&self, log: &Path) {
+        if self.verbosity != Verbosity::Verbose {
+            return;
+        }
+        // A stage that printed nothing has no log file.
+        let Ok(bytes) = std::fs::read(log) else {
+            return;
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let mut err = std::io::stderr().lock();
+        for line in text.lines() {
+            let _ = writeln!(err, "      | {line}");
+        }
+    }
+
     fn done_stage(&self, stage: &str) {
         if let Some(b) = &self.bars {
             b.run.inc(1);
@@ -171,9 +190,11 @@ impl Reporter for Human {
             Event::StageCached {
                 stage,
                 time_saved_ms,
+                log,
                 ..
             } => {
                 self.verbose(&format!("[HIT] {stage}"));
+                self.replay_log(log);
                 if normal {
                     self.status(
                         "Cached",
@@ -184,8 +205,12 @@ impl Reporter for Human {
                 self.done_stage(stage);
             }
             Event::StageFinished {
-                stage, elapsed_ms, ..
+                stage,
+                elapsed_ms,
+                log,
+                ..
             } => {
+                self.replay_log(log);
                 if normal {
                     self.status("Finished", 10, &format!("{stage} in {}", ms(*elapsed_ms)));
                 }
@@ -195,6 +220,8 @@ impl Reporter for Human {
                 self.status("Failed", 10, &format!("{stage}: {error}"));
                 self.done_stage(stage);
             }
+            // Printed for people by `main`, from the same diagnostic.
+            Event::Error { .. } => {}
             Event::RunFinished {
                 ran,
                 cached,

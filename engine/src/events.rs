@@ -17,10 +17,17 @@
 //! | `run-started` | `experiment`, `stages` (number selected), `jobs` |
 //! | `stage-started` | `stage`, `key`, `reasons` (list of tagged [`RerunReason`]), `cascade` |
 //! | `stage-progress` | `stage`, `done`, `total`, `message` |
-//! | `stage-cached` | `stage`, `key`, `time_saved_ms` |
-//! | `stage-finished` | `stage`, `key`, `elapsed_ms` |
+//! | `stage-cached` | `stage`, `key`, `time_saved_ms`, `log` |
+//! | `stage-finished` | `stage`, `key`, `elapsed_ms`, `log` |
 //! | `stage-failed` | `stage`, `key` (or `null` if it failed before its key was known), `error`, `elapsed_ms` |
 //! | `run-finished` | `ran`, `cached`, `failed`, `skipped` (names of stages not run because an upstream failed), `interrupted`, `elapsed_ms` |
+//! | `error` | `exit_code`, `message`, `causes` (the source chain, outermost first), `help`, `diagnostic` (the full diagnostic as miette renders it to JSON: `code`, `labels`, `related`, ...) |
+//!
+//! `error` is the last line of a command that fails as a whole (invalid recipe, unusable cache:
+//! exit codes 2 and 3); the same diagnostic is printed for people on stderr.
+//!
+//! `log` is the path of the stage's captured stdout and stderr in its cache entry
+//! (`<cache>/v1/entries/<key>/log.txt`); the file exists only if the stage printed something.
 //!
 //! A reason is an object tagged by `reason` (`never-run`, `param-changed` with `path`/`old`/
 //! `new`, `input-changed` with `input`/`upstream`/`reran`, `external-file-changed` with
@@ -31,11 +38,13 @@
 //!
 //! ```text
 //! {"type":"run-started","data":{"experiment":"demo","stages":2,"jobs":2}}
-//! {"type":"stage-cached","data":{"stage":"a","key":"9f2c…","time_saved_ms":1200}}
+//! {"type":"stage-cached","data":{"stage":"a","key":"9f2c…","time_saved_ms":1200,"log":"/p/.pipeline/v1/entries/9f2c…/log.txt"}}
 //! {"type":"stage-started","data":{"stage":"b","key":"01ab…","reasons":[{"reason":"param-changed","path":"p","old":1,"new":2}],"cascade":false}}
-//! {"type":"stage-finished","data":{"stage":"b","key":"01ab…","elapsed_ms":35}}
+//! {"type":"stage-finished","data":{"stage":"b","key":"01ab…","elapsed_ms":35,"log":"/p/.pipeline/v1/entries/01ab…/log.txt"}}
 //! {"type":"run-finished","data":{"ran":1,"cached":1,"failed":0,"skipped":[],"interrupted":false,"elapsed_ms":48}}
 //! ```
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +93,9 @@ pub enum Event {
         key: String,
         /// How long the cached run took when it was computed.
         time_saved_ms: u64,
+        /// Where the stage's captured output (stdout and stderr) is stored in its cache
+        /// entry; the file exists only if the stage printed something. `-v` replays it.
+        log: PathBuf,
     },
     /// A stage committed its outputs.
     StageFinished {
@@ -93,6 +105,8 @@ pub enum Event {
         key: String,
         /// Wall time of the stage.
         elapsed_ms: u64,
+        /// Where its captured output is stored (as for `stage-cached`).
+        log: PathBuf,
     },
     /// A stage failed; it left no cache entry.
     StageFailed {
@@ -119,6 +133,21 @@ pub enum Event {
         interrupted: bool,
         /// Wall time of the run.
         elapsed_ms: u64,
+    },
+    /// The command failed as a whole, outside any one stage (invalid recipe or usage,
+    /// unusable cache). Emitted by the binary, not the executor.
+    Error {
+        /// The process's exit code (2 usage, 3 environment).
+        exit_code: u8,
+        /// The top-level message.
+        message: String,
+        /// The source chain below it, outermost first (down to the OS error).
+        causes: Vec<String>,
+        /// How to fix it, when known.
+        help: Option<String>,
+        /// The whole diagnostic as miette renders it to JSON (`code`, `labels`, `related`
+        /// errors of a recipe, ...).
+        diagnostic: serde_json::Value,
     },
 }
 
@@ -170,11 +199,12 @@ mod tests {
             stage: "a".into(),
             key: "k".into(),
             time_saved_ms: 5,
+            log: PathBuf::from("e/log.txt"),
         };
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(
             v,
-            json!({"type": "stage-cached", "data": {"stage": "a", "key": "k", "time_saved_ms": 5}})
+            json!({"type": "stage-cached", "data": {"stage": "a", "key": "k", "time_saved_ms": 5, "log": "e/log.txt"}})
         );
         let back: Event = serde_json::from_value(v).unwrap();
         assert_eq!(back, e);
@@ -204,6 +234,7 @@ mod tests {
                 stage: "a".into(),
                 key: "k".into(),
                 elapsed_ms: 3,
+                log: PathBuf::from("e/log.txt"),
             },
             Event::StageFailed {
                 stage: "a".into(),
@@ -219,6 +250,13 @@ mod tests {
                 interrupted: false,
                 elapsed_ms: 4,
             },
+            Event::Error {
+                exit_code: 3,
+                message: "cannot use the cache directory `c`".into(),
+                causes: vec!["Not a directory (os error 20)".into()],
+                help: None,
+                diagnostic: json!({"message": "cannot use the cache directory `c`"}),
+            },
         ];
         let types = [
             "run-started",
@@ -227,6 +265,7 @@ mod tests {
             "stage-finished",
             "stage-failed",
             "run-finished",
+            "error",
         ];
         for (e, ty) in events.iter().zip(types) {
             let line = serde_json::to_string(e).unwrap();

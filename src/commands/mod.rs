@@ -12,6 +12,7 @@ mod run;
 use std::path::{Path, PathBuf};
 
 use cache::Cache;
+use engine::events::{Event, Reporter as _};
 use engine::recipe::{self, Recipe};
 use engine::stage::Registry;
 
@@ -55,7 +56,18 @@ pub type CmdResult = Result<u8, Failure>;
 
 pub fn dispatch(cli: Cli) -> CmdResult {
     let g = &cli.global;
-    match cli.command {
+    let result = dispatch_command(g, cli.command);
+    if g.json
+        && let Err(failure) = &result
+    {
+        // Tools reading `--json` get the error on stdout too; people keep it on stderr.
+        crate::reporters::Json.event(&error_event(failure));
+    }
+    result
+}
+
+fn dispatch_command(g: &GlobalArgs, command: Command) -> CmdResult {
+    match command {
         Command::Run(args) => run::run(g, &args),
         Command::Plan(args) => plan::plan(g, &args),
         Command::Explain(args) => explain::explain(g, &args),
@@ -99,13 +111,55 @@ pub fn runs_dir(g: &GlobalArgs) -> PathBuf {
 
 pub fn open_cache(g: &GlobalArgs) -> Result<Cache, Failure> {
     let dir = cache_dir(g);
-    Cache::open(&dir).map_err(|e| {
-        Failure::environment(miette::miette!(
-            help = "pass a writable directory with `--cache-dir` or `PIPELINE_CACHE_DIR`",
-            "cannot use the cache directory `{}`: {e}",
-            dir.display()
-        ))
-    })
+    Cache::open(&dir).map_err(|source| Failure::environment(CacheUnusable { dir, source }))
+}
+
+/// The cache directory cannot be opened. The cache's error and its OS cause (`Not a
+/// directory`, `Read-only file system`) are the source chain, rendered below the message.
+#[derive(Debug, miette::Diagnostic)]
+#[diagnostic(
+    code(pipeline::cache::unusable),
+    help("pass a writable directory with `--cache-dir` or `PIPELINE_CACHE_DIR`")
+)]
+pub struct CacheUnusable {
+    dir: PathBuf,
+    source: cache::Error,
+}
+
+impl std::fmt::Display for CacheUnusable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot use the cache directory `{}`", self.dir.display())
+    }
+}
+
+impl std::error::Error for CacheUnusable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// The `--json` form of a failure: an `error` event (see `engine::events`).
+pub fn error_event(failure: &Failure) -> Event {
+    let mut rendered = String::new();
+    let diagnostic: &dyn miette::Diagnostic = failure.report.as_ref();
+    let json = miette::JSONReportHandler::new()
+        .render_report(&mut rendered, diagnostic)
+        .ok()
+        .and_then(|()| serde_json::from_str::<serde_json::Value>(&rendered).ok())
+        .unwrap_or(serde_json::Value::Null);
+    let mut causes = Vec::new();
+    let mut cause = diagnostic.source();
+    while let Some(c) = cause {
+        causes.push(c.to_string());
+        cause = c.source();
+    }
+    Event::Error {
+        exit_code: failure.code,
+        message: failure.report.to_string(),
+        causes,
+        help: diagnostic.help().map(|h| h.to_string()),
+        diagnostic: json,
+    }
 }
 
 /// The index of a stage named on the command line, with a did-you-mean.

@@ -149,6 +149,55 @@ fn cache_dir_under_a_regular_file_is_exit_3() {
         "the help must say how to fix it:\n{}",
         r.stderr
     );
+    assert!(
+        r.stderr.contains("Not a directory"),
+        "the OS reason must be shown:\n{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn json_mode_reports_an_unusable_cache_as_an_error_event() {
+    let (p, _) = Project::with_shape(Shape::Chain, 2, &RecipeOpts::default());
+    std::fs::write(p.root().join("blocker"), "not a directory").unwrap();
+    let recipe = p.recipe();
+    let r = crate::common::run_cmd(p.cmd_with_cache(
+        std::path::Path::new("blocker/cache"),
+        &["--json", "run", recipe.to_str().unwrap()],
+    ));
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let events = r.events();
+    assert_eq!(events.len(), 1, "only the error event:\n{}", r.stdout);
+    let data = &events[0]["data"];
+    assert_eq!(events[0]["type"], "error");
+    assert_eq!(data["exit_code"], 3);
+    assert!(
+        data["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot use the cache directory `blocker/cache`")),
+        "{data}"
+    );
+    let causes: Vec<&str> = data["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    assert!(
+        causes.iter().any(|c| c.contains("Not a directory")),
+        "the OS reason is among the causes: {causes:?}"
+    );
+    assert!(
+        data["help"]
+            .as_str()
+            .is_some_and(|h| h.contains("--cache-dir"))
+    );
+    // People still get the rendered diagnostic on stderr.
+    assert!(
+        r.stderr.contains("cannot use the cache directory"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]

@@ -153,3 +153,23 @@ fn bad_set_override() {
         "the error must quote the bad override:\n{text}"
     );
 }
+
+#[test]
+fn json_mode_emits_recipe_errors_as_an_error_event() {
+    let p = Project::new(&format!(
+        "{OK_STAGE}\n[stages.b]\nkind = \"shel\"\ncmd = \"true\"\n"
+    ));
+    let r = p.run(&["--json", "run", "proj/recipe.toml"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let events = r.events();
+    let last = events.last().expect("an error event on stdout");
+    assert_eq!(last["type"], "error", "{}", r.stdout);
+    assert_eq!(last["data"]["exit_code"], 2);
+    // The recipe's individual errors, with their labels, are in the diagnostic.
+    let related = last["data"]["diagnostic"]["related"].to_string();
+    assert!(related.contains("shel"), "{related}");
+    assert!(related.contains("shell"), "did-you-mean kept: {related}");
+    // Human output stays on stderr.
+    assert!(r.stderr.contains("recipe.toml"), "{}", r.stderr);
+    assert!(p.exec_counts().is_empty());
+}

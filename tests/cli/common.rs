@@ -24,6 +24,7 @@ pub(crate) const EVENT_TYPES: &[&str] = &[
     "stage-failed",
     "stage-progress",
     "run-finished",
+    "error",
 ];
 
 /// One scratch project: `<tmp>/proj/recipe.toml`, cache `<tmp>/cache`, runs `<tmp>/runs`.

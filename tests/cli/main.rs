@@ -17,3 +17,4 @@ mod gc_exec;
 mod json_events;
 mod kill_resume;
 mod smoke;
+mod verbose_log;

@@ -486,6 +486,7 @@ impl Scheduler<'_> {
                 stage: name.clone(),
                 key: entry.key.to_hex(),
                 time_saved_ms: entry.manifest.duration_ms,
+                log: entry.dir.join("log.txt"),
             });
             self.summary.cached.push(name);
         }
@@ -512,6 +513,7 @@ impl Scheduler<'_> {
                     stage: name.clone(),
                     key: entry.key.to_hex(),
                     elapsed_ms: entry.manifest.duration_ms,
+                    log: entry.dir.join("log.txt"),
                 });
                 self.summary.ran.push(name);
                 self.ran_here[i] = true;

@@ -80,8 +80,17 @@ impl From<StageError> for Retry {
     }
 }
 
+/// A stage failure is one line: the cache's error and its causes down to the OS reason
+/// (`cannot create directory `…`: No space left on device`).
 fn cache_err(doing: &str, e: cache::Error) -> StageError {
-    StageError::Other(format!("{doing}: {e}"))
+    let mut msg = format!("{doing}: {e}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cause = c.source();
+    }
+    StageError::Other(msg)
 }
 
 fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, Retry> {
