@@ -208,13 +208,57 @@ pub(crate) fn from_de_value(src: u32, offset: usize, v: &Spanned<DeValue<'_>>) -
 }
 
 /// A scalar rendered as the text used in expansion names and `{item}` substitution.
-/// Floats use Rust's shortest round-trip form, so `1e-4` names a stage `lr=0.0001`.
+/// Floats use [`float_text`], so `1e-4` names a stage `lr=0.0001` and `2500.0` `lam=2500`.
 pub(crate) fn scalar_text(v: &V) -> Option<String> {
     match v {
         V::Str(s) => Some(s.clone()),
         V::Int(i) => Some(i.to_string()),
-        V::Float(f) => Some(f.to_string()),
+        V::Float(f) => Some(float_text(*f)),
         V::Bool(b) => Some(b.to_string()),
         V::Datetime(_) | V::OutOfRange | V::Array(_) | V::Table(_) => None,
+    }
+}
+
+/// The shortest text that reads back as `f`: plain decimals from 1e-4 up to 1e16
+/// (`0.0001`, `0.5`, `2500`), exponent form outside (`1e-5`, `1.5e-7`, `1e16`), never a
+/// trailing `.0` and never `-0`. Stage names must be stable (they name run directories) and
+/// readable; `Display` alone would spell `1e300` with 301 digits.
+pub(crate) fn float_text(f: f64) -> String {
+    if f == 0.0 {
+        return "0".to_string();
+    }
+    // `Debug` is the shortest round-trip form and switches to an exponent outside
+    // [1e-4, 1e16); it marks integral values with `.0`, which a name does not need.
+    let mut s = format!("{f:?}");
+    if s.ends_with(".0") {
+        s.truncate(s.len() - 2);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::float_text;
+
+    #[test]
+    fn floats_render_short_and_stable() {
+        let cases = [
+            (2500.0, "2500"),
+            (0.0, "0"),
+            (-0.0, "0"),
+            (1e-4, "0.0001"),
+            (2e-4, "0.0002"),
+            (0.5, "0.5"),
+            (-2.5, "-2.5"),
+            (1e-5, "1e-5"),
+            (1.5e-7, "1.5e-7"),
+            (1e16, "1e16"),
+            (1e300, "1e300"),
+            (123_456.789, "123456.789"),
+        ];
+        for (f, want) in cases {
+            assert_eq!(float_text(f), want, "{f:?}");
+            assert_eq!(want.parse::<f64>().ok(), Some(f), "{want} reads back");
+        }
     }
 }
