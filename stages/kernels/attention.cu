@@ -480,7 +480,7 @@ __device__ void attn_bwd_dq(const T* q, const T* k, const T* v, const T* go, con
         attn_bwd_delta_##NAME##_d##D(const T* o, const T* go, float* delta, int rows) {                 \
         attn_bwd_delta<T, D>(o, go, delta, rows);                                                       \
     }                                                                                                   \
-    extern "C" __global__ void __launch_bounds__(256) attn_bwd_dkdv_##NAME##_d##D(                      \
+    extern "C" __global__ void __launch_bounds__(256, 2) attn_bwd_dkdv_##NAME##_d##D(                      \
         const T* q, const T* k, const T* v, const T* go, const float* m, const float* l,                \
         const float* delta, T* dk, T* dv, const float* mask, const int* range, AttnParams p) {          \
         attn_bwd_dkdv<T, D>(q, k, v, go, m, l, delta, dk, dv, mask, range, p);                          \
@@ -492,7 +492,7 @@ __device__ void attn_bwd_dq(const T* q, const T* k, const T* v, const T* go, con
     }
 
 #define ATTN_MMA(T, NAME, D)                                                                            \
-    extern "C" __global__ void __launch_bounds__(128)                                                   \
+    extern "C" __global__ void __launch_bounds__(128, 2)                                                   \
         attn_fwd_mma_##NAME##_d##D(const T* q, const T* k, const T* v, T* o, float* m, float* l,        \
                                    const float* mask, const int* range, AttnParams p) {                 \
         attn_fwd_mma<T, D>(q, k, v, o, m, l, mask, range, p);                                           \

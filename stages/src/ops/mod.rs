@@ -16,13 +16,16 @@
 //! candle would otherwise compute and discard). GELU variants use candle's elementwise
 //! ops, which already have a backward.
 //!
-//! The CPU kernels are also the reference semantics for future CUDA kernels; on any other
-//! device the composed path runs (candle's default `cuda_fwd` of a `CustomOp` returns a
-//! "no cuda implementation" error, and dispatch never reaches it).
+//! The CPU kernels are also the reference semantics of the custom CUDA kernels (module
+//! `cuda`, `stages/kernels/`): with the `cuda-candle` feature, [`attention`] and
+//! [`lora_linear`] on CUDA tensors of f32/bf16/f16 run those first; anything they do not
+//! cover takes the composed path.
 
 use candle_core::{D, Result, Tensor};
 
 mod attention;
+#[cfg(any(feature = "cuda", feature = "cuda-candle"))]
+pub mod cuda;
 mod fused;
 mod lora;
 pub mod reference;
@@ -78,6 +81,10 @@ pub fn attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda-candle")]
+    if let Some(y) = cuda::candle::attention(q, k, v, mask, scale)? {
+        return Ok(y);
+    }
     if eligible(&[q, k, v]) && mask.is_none_or(|m| eligible(&[m])) {
         let (b, hq, s, _) = q.dims4()?;
         let t = k.dim(2)?;
@@ -164,6 +171,10 @@ pub fn lora_linear(
     bm: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda-candle")]
+    if let Some(y) = cuda::candle::lora_linear(x, w, b, a, bm, scale)? {
+        return Ok(y);
+    }
     if eligible(&[x, w, a, bm]) && frozen(w, b) {
         let op = lora::LoraLinear {
             w: w.detach(),

@@ -1,0 +1,710 @@
+//! candle `CustomOp`s that run the custom kernels on CUDA tensors (feature `cuda-candle`).
+//!
+//! [`attention`] and [`lora_linear`] are what `ops::attention` / `ops::lora_linear` call
+//! first: they return `None` for anything the kernels do not cover (not a CUDA tensor,
+//! another dtype or head dim), and the caller goes on to its CPU kernels or the reference.
+//! On the CPU each op delegates to the fused CPU op it mirrors (`ops::attention`,
+//! `ops::lora`), so the reference semantics are one and the same.
+//!
+//! Backward on CUDA: attention's three gradients come from one kernel op writing
+//! `[dq | dk | dv]` into one buffer, split afterwards by views; LoRA's `dA`, `dB` come from
+//! the kernels, `dx = g W + (s g B) A` from candle's matmul (cuBLAS).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::CudaView;
+use candle_core::cuda_backend::{CudaDType, CudaStorage};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
+use half::{bf16, f16};
+
+use super::launch::{self, Attn, AttnKernel, Elem, Lora};
+use super::{CudaError, kernels};
+use crate::ops::{attention as cpu_attention, lora as cpu_lora};
+
+fn err(e: CudaError) -> candle_core::Error {
+    candle_core::Error::Cuda(Box::new(e))
+}
+
+fn driver(e: super::cudarc::driver::DriverError) -> candle_core::Error {
+    err(CudaError::Driver(e))
+}
+
+/// The elements of a contiguous CUDA tensor, and whether they start at an even offset
+/// (16-bit tensor-core kernels load element pairs as 32-bit words).
+fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<(CudaView<'a, T>, bool)> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("{op}: CUDA kernel needs a contiguous input")
+    };
+    Ok((s.as_cuda_slice::<T>()?.slice(a..b), a % 2 == 0))
+}
+
+fn supported(dt: DType) -> bool {
+    matches!(dt, DType::F32 | DType::BF16 | DType::F16)
+}
+
+// ------------------------------------------------------------------ attention
+
+/// Attention on CUDA through the custom kernels, or `None` when they do not apply.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    if !q.device().is_cuda() || !supported(q.dtype()) {
+        return Ok(None);
+    }
+    let (b, hq, s, d) = q.dims4()?;
+    let (kb, hkv, t, kd) = k.dims4()?;
+    let same = k.dtype() == q.dtype() && v.dtype() == q.dtype() && v.dims() == k.dims();
+    if !same || kb != b || kd != d || !launch::HEAD_DIMS.contains(&d) || s == 0 || t == 0 {
+        return Ok(None);
+    }
+    if hkv == 0 || !hq.is_multiple_of(hkv) {
+        return Ok(None);
+    }
+    let mask = match mask {
+        None => None,
+        Some(m) => {
+            let per_head = m.rank() == 4 && hq > 1 && m.dim(1)? == hq;
+            let mh = if per_head { hq } else { 1 };
+            let t = m
+                .detach()
+                .to_dtype(DType::F32)?
+                .broadcast_as((b, mh, s, t))?
+                .contiguous()?;
+            Some((t, mh))
+        }
+    };
+    let op = CudaAttention {
+        scale: scale as f32,
+        mask,
+        causal: false,
+        range: None,
+        kernel: AttnKernel::Auto,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+        .map(Some)
+}
+
+/// Masks for [`attention_masked`]; all optional and combinable.
+#[derive(Clone, Default)]
+pub struct AttnMask {
+    /// Query `i` sees keys `j <= i + (t - s)`.
+    pub causal: bool,
+    /// `[b, 2]` u32: per batch, the `[start, end)` of visible keys (padding).
+    pub key_range: Option<Tensor>,
+    /// Additive mask broadcastable to `[b, 1, s, t]` or `[b, hq, s, t]`.
+    pub dense: Option<Tensor>,
+}
+
+/// Attention with structural masks, differentiable, on CPU (through the fused CPU op, with
+/// the masks written out densely) or CUDA (the kernels; causal and key-range masks cost no
+/// memory traffic there and fully hidden tiles are skipped). Head dims 64 and 128 on CUDA.
+pub fn attention_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask,
+    scale: f64,
+    kernel: AttnKernel,
+) -> Result<Tensor> {
+    let (b, hq, s, _) = q.dims4()?;
+    let t = k.dim(2)?;
+    let dense = match &mask.dense {
+        None => None,
+        Some(m) => {
+            let per_head = m.rank() == 4 && hq > 1 && m.dim(1)? == hq;
+            let mh = if per_head { hq } else { 1 };
+            let m = m
+                .detach()
+                .to_dtype(DType::F32)?
+                .broadcast_as((b, mh, s, t))?;
+            Some((m.contiguous()?, mh))
+        }
+    };
+    let range = match &mask.key_range {
+        None => None,
+        Some(r) => Some(r.to_dtype(DType::U32)?.reshape((b, 2))?.contiguous()?),
+    };
+    let op = CudaAttention {
+        scale: scale as f32,
+        mask: dense,
+        causal: mask.causal,
+        range,
+        kernel,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+struct CudaAttention {
+    scale: f32,
+    /// Dense additive mask `[b, heads, s, t]` (f32, contiguous) and its head count.
+    mask: Option<(Tensor, usize)>,
+    causal: bool,
+    /// `[b, 2]` u32 key ranges.
+    range: Option<Tensor>,
+    kernel: AttnKernel,
+}
+
+impl CudaAttention {
+    /// The fused CPU op with the same semantics, for `q: [b, hq, s, _]`, `t` keys; causal
+    /// and key-range masks are written out as `f32::MIN` entries of a dense mask.
+    fn cpu_op(&self, b: usize, hq: usize, s: usize, t: usize) -> Result<cpu_attention::Attention> {
+        let mh = self.mask.as_ref().map_or(1, |m| m.1);
+        let mut data = match &self.mask {
+            Some((m, _)) => Some(m.flatten_all()?.to_vec1::<f32>()?),
+            None => None,
+        };
+        if self.causal || self.range.is_some() {
+            let ranges = match &self.range {
+                Some(r) => Some(r.flatten_all()?.to_vec1::<u32>()?),
+                None => None,
+            };
+            let d = data.get_or_insert_with(|| vec![0f32; b * mh * s * t]);
+            for (row, chunk) in d.chunks_mut(t).enumerate() {
+                let (i, bi) = (row % s, row / (s * mh));
+                for (j, x) in chunk.iter_mut().enumerate() {
+                    let causal = self.causal && j + s > i + t;
+                    let outside = ranges
+                        .as_ref()
+                        .is_some_and(|r| j < r[2 * bi] as usize || j >= r[2 * bi + 1] as usize);
+                    if causal || outside {
+                        *x = f32::MIN;
+                    }
+                }
+            }
+        }
+        Ok(cpu_attention::Attention {
+            scale: self.scale,
+            mask: data.map(|data| cpu_attention::Mask {
+                data,
+                per_head: mh > 1,
+            }),
+        })
+    }
+
+    /// Runs `f` with the problem description over the three storages.
+    #[allow(clippy::too_many_arguments)]
+    fn with_problem<T: Elem + CudaDType, R>(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        f: impl FnOnce(&Attn<'_, T>, AttnKernel) -> Result<R>,
+    ) -> Result<R> {
+        let (q, e1) = view::<T>(s1, l1, "attention")?;
+        let (k, e2) = view::<T>(s2, l2, "attention")?;
+        let (v, e3) = view::<T>(s3, l3, "attention")?;
+        let (&[b, hq, s, d], &[_, hkv, t, _]) = (l1.dims(), l2.dims()) else {
+            bail!(
+                "attention: q {:?} and k {:?} must be rank 4",
+                l1.dims(),
+                l2.dims()
+            )
+        };
+        let guard = self
+            .mask
+            .as_ref()
+            .map(|(m, mh)| (m.storage_and_layout(), *mh));
+        let mask = match &guard {
+            None => None,
+            Some(((st, l), mh)) => match &**st {
+                Storage::Cuda(cs) => Some((view::<f32>(cs, l, "attention mask")?.0, *mh)),
+                _ => bail!("attention: the mask must be on the same CUDA device"),
+            },
+        };
+        let rguard = self.range.as_ref().map(|r| r.storage_and_layout());
+        let range = match &rguard {
+            None => None,
+            Some((st, l)) => match &**st {
+                Storage::Cuda(cs) => Some(view::<u32>(cs, l, "attention key range")?.0),
+                _ => bail!("attention: the key ranges must be on the same CUDA device"),
+            },
+        };
+        let a = Attn {
+            q,
+            k,
+            v,
+            b,
+            hq,
+            hkv,
+            s,
+            t,
+            d,
+            kv_batch_stride: hkv * t * d,
+            kv_head_stride: t * d,
+            scale: self.scale,
+            causal: self.causal,
+            range,
+            mask,
+        };
+        let which = if e1 && e2 && e3 {
+            self.kernel
+        } else {
+            AttnKernel::Simt
+        };
+        f(&a, which)
+    }
+
+    fn fwd<T: Elem + CudaDType>(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = s1.device().clone();
+        let st = dev.cuda_stream();
+        let kern = kernels(&st).map_err(err)?;
+        let mut out = st
+            .alloc_zeros::<T>(l1.shape().elem_count())
+            .map_err(driver)?;
+        self.with_problem::<T, _>(s1, l1, s2, l2, s3, l3, |a, which| {
+            launch::attention_fwd(&kern, &st, a, &mut out, None, which).map_err(err)
+        })?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+    }
+}
+
+impl CustomOp3 for CudaAttention {
+    fn name(&self) -> &'static str {
+        "cuda-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k) = (l1.dims(), l2.dims());
+        if q.len() != 4 || k.len() != 4 {
+            bail!("attention: q {q:?} and k {k:?} must be rank 4")
+        }
+        self.cpu_op(q[0], q[1], q[2], k[2])?
+            .cpu_fwd(s1, l1, s2, l2, s3, l3)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match s1.dtype() {
+            DType::F32 => self.fwd::<f32>(s1, l1, s2, l2, s3, l3),
+            DType::BF16 => self.fwd::<bf16>(s1, l1, s2, l2, s3, l3),
+            DType::F16 => self.fwd::<f16>(s1, l1, s2, l2, s3, l3),
+            dt => bail!("cuda-attention: no kernel for {dt:?}"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !q.device().is_cuda() {
+            let (b, hq, s, _) = q.dims4()?;
+            return self.cpu_op(b, hq, s, k.dim(2)?)?.bwd(q, k, v, res, g);
+        }
+        let op = AttentionGrad {
+            fwd: CudaAttention {
+                scale: self.scale,
+                mask: self.mask.clone(),
+                causal: self.causal,
+                range: self.range.clone(),
+                kernel: self.kernel,
+            },
+            g: g.contiguous()?.detach(),
+        };
+        let packed = q.apply_op3_no_bwd(k, v, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let part = |o: usize, n: usize, t: &Tensor| -> Result<Option<Tensor>> {
+            if t.track_op() {
+                packed.narrow(0, o, n)?.reshape(t.shape()).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        Ok((part(0, nq, q)?, part(nq, nk, k)?, part(nq + nk, nk, v)?))
+    }
+}
+
+/// `[dq | dk | dv]` flattened into one tensor, from the output gradient `g`.
+struct AttentionGrad {
+    fwd: CudaAttention,
+    g: Tensor,
+}
+
+impl AttentionGrad {
+    fn run<T: Elem + CudaDType>(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = s1.device().clone();
+        let st = dev.cuda_stream();
+        let kern = kernels(&st).map_err(err)?;
+        let (nq, nk) = (l1.shape().elem_count(), l2.shape().elem_count());
+        let mut packed = st.alloc_zeros::<T>(nq + 2 * nk).map_err(driver)?;
+        let (gs, gl) = self.g.storage_and_layout();
+        let Storage::Cuda(gc) = &*gs else {
+            bail!("cuda-attention backward: gradient not on the CUDA device")
+        };
+        let (go, _) = view::<T>(gc, gl, "attention gradient")?;
+        {
+            let (mut dq, mut rest) = packed.split_at_mut(nq);
+            let (mut dk, mut dv) = rest.split_at_mut(nk);
+            self.fwd
+                .with_problem::<T, _>(s1, l1, s2, l2, s3, l3, |a, which| {
+                    launch::attention_bwd(&kern, &st, a, &go, &mut dq, &mut dk, &mut dv, which)
+                        .map_err(err)
+                })?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(packed, dev),
+            Shape::from(nq + 2 * nk),
+        ))
+    }
+}
+
+impl CustomOp3 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "cuda-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("cuda-attention-grad runs on CUDA only (the CPU backward is the fused CPU op's)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match s1.dtype() {
+            DType::F32 => self.run::<f32>(s1, l1, s2, l2, s3, l3),
+            DType::BF16 => self.run::<bf16>(s1, l1, s2, l2, s3, l3),
+            DType::F16 => self.run::<f16>(s1, l1, s2, l2, s3, l3),
+            dt => bail!("cuda-attention-grad: no kernel for {dt:?}"),
+        }
+    }
+}
+
+// ------------------------------------------------------------------ LoRA linear
+
+/// LoRA linear on CUDA through the custom kernels, or `None` when they do not apply.
+pub(crate) fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    a: &Tensor,
+    bm: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let dt = x.dtype();
+    let all = [Some(w), b, Some(a), Some(bm)];
+    let same = all
+        .iter()
+        .flatten()
+        .all(|t| t.dtype() == dt && t.device().same_device(x.device()));
+    let frozen = !w.track_op() && b.is_none_or(|b| !b.track_op());
+    if !x.device().is_cuda() || !supported(dt) || !same || !frozen || w.rank() != 2 {
+        return Ok(None);
+    }
+    let op = CudaLora {
+        w: w.contiguous()?.detach(),
+        b: b.map(|b| b.contiguous().map(|b| b.detach())).transpose()?,
+        scale,
+    };
+    x.contiguous()?
+        .apply_op3(&a.contiguous()?, &bm.contiguous()?, op)
+        .map(Some)
+}
+
+struct CudaLora {
+    w: Tensor,
+    b: Option<Tensor>,
+    scale: f64,
+}
+
+impl CudaLora {
+    fn cpu_op(&self) -> cpu_lora::LoraLinear {
+        cpu_lora::LoraLinear {
+            w: self.w.clone(),
+            b: self.b.clone(),
+            scale: self.scale,
+        }
+    }
+
+    /// Runs `f` with the operands over the storages of `x`, `A`, `B` (and the captured
+    /// `W`, bias).
+    #[allow(clippy::too_many_arguments)]
+    fn with_operands<T: Elem + CudaDType, R>(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+        f: impl FnOnce(&Lora<'_, T>) -> Result<R>,
+    ) -> Result<R> {
+        let (x, _) = view::<T>(s1, l1, "lora_linear")?;
+        let (a, _) = view::<T>(s2, l2, "lora_linear")?;
+        let (bm, _) = view::<T>(s3, l3, "lora_linear")?;
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cuda(wc) = &*ws else {
+            bail!("lora_linear: W must be on the CUDA device")
+        };
+        let (w, _) = view::<T>(wc, wl, "lora_linear weight")?;
+        let bguard = self.b.as_ref().map(|b| b.storage_and_layout());
+        let bias = match &bguard {
+            None => None,
+            Some((st, l)) => match &**st {
+                Storage::Cuda(bc) => Some(view::<T>(bc, l, "lora_linear bias")?.0),
+                _ => bail!("lora_linear: bias must be on the CUDA device"),
+            },
+        };
+        let (n, k) = (wl.dims()[0], wl.dims()[1]);
+        let r = l2.dims().first().copied().unwrap_or(0);
+        let xk = l1.dims().last().copied().unwrap_or(0);
+        if xk != k || l2.dims() != [r, k] || l3.dims() != [n, r] {
+            bail!(
+                "lora_linear: x {:?}, W [{n}, {k}], A {:?}, B {:?} do not chain",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            )
+        }
+        let l = Lora {
+            x,
+            w,
+            bias,
+            a,
+            bm,
+            m: l1.shape().elem_count() / k.max(1),
+            k,
+            n,
+            r,
+            scale: self.scale as f32,
+        };
+        f(&l)
+    }
+
+    fn fwd<T: Elem + CudaDType>(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = s1.device().clone();
+        let st = dev.cuda_stream();
+        let kern = kernels(&st).map_err(err)?;
+        let mut dims = l1.dims().to_vec();
+        let n = self.w.dim(0)?;
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        let shape = Shape::from(dims);
+        let mut y = st.alloc_zeros::<T>(shape.elem_count()).map_err(driver)?;
+        self.with_operands::<T, _>(s1, l1, s2, l2, s3, l3, |l| {
+            launch::lora_fwd(&kern, &st, l, &mut y.slice_mut(..)).map_err(err)
+        })?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), shape))
+    }
+}
+
+impl CustomOp3 for CudaLora {
+    fn name(&self) -> &'static str {
+        "cuda-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_op().cpu_fwd(s1, l1, s2, l2, s3, l3)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match s1.dtype() {
+            DType::F32 => self.fwd::<f32>(s1, l1, s2, l2, s3, l3),
+            DType::BF16 => self.fwd::<bf16>(s1, l1, s2, l2, s3, l3),
+            DType::F16 => self.fwd::<f16>(s1, l1, s2, l2, s3, l3),
+            dt => bail!("cuda-lora-linear: no kernel for {dt:?}"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        bm: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if !x.device().is_cuda() {
+            return self.cpu_op().bwd(x, a, bm, res, g);
+        }
+        let k = self.w.dim(1)?;
+        let (x2, g2) = (
+            x.reshape(((), k))?,
+            g.contiguous()?.reshape(((), self.w.dim(0)?))?,
+        );
+        let dx = if x.track_op() {
+            let gb = (g2.matmul(bm)? * self.scale)?;
+            Some((g2.matmul(&self.w)? + gb.matmul(a)?)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let op = LoraGradAb {
+            fwd: CudaLora {
+                w: self.w.clone(),
+                b: self.b.clone(),
+                scale: self.scale,
+            },
+            g: g2,
+        };
+        let packed = x2.apply_op3_no_bwd(a, bm, &op)?;
+        let (na, nb) = (a.elem_count(), bm.elem_count());
+        let da = a
+            .track_op()
+            .then(|| packed.narrow(0, 0, na)?.reshape(a.shape()))
+            .transpose()?;
+        let db = bm
+            .track_op()
+            .then(|| packed.narrow(0, na, nb)?.reshape(bm.shape()))
+            .transpose()?;
+        Ok((dx, da, db))
+    }
+}
+
+/// `[dA | dB]` flattened into one tensor, from the output gradient `g: [m, n]`.
+struct LoraGradAb {
+    fwd: CudaLora,
+    g: Tensor,
+}
+
+impl LoraGradAb {
+    fn run<T: Elem + CudaDType>(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = s1.device().clone();
+        let st = dev.cuda_stream();
+        let kern = kernels(&st).map_err(err)?;
+        let (na, nb) = (l2.shape().elem_count(), l3.shape().elem_count());
+        let mut packed = st.alloc_zeros::<T>(na + nb).map_err(driver)?;
+        let (gs, gl) = self.g.storage_and_layout();
+        let Storage::Cuda(gc) = &*gs else {
+            bail!("cuda-lora-linear backward: gradient not on the CUDA device")
+        };
+        let (g, _) = view::<T>(gc, gl, "lora_linear gradient")?;
+        {
+            let (mut da, mut db) = packed.split_at_mut(na);
+            self.fwd
+                .with_operands::<T, _>(s1, l1, s2, l2, s3, l3, |l| {
+                    launch::lora_bwd_ab(&kern, &st, l, &g, &mut da, &mut db).map_err(err)
+                })?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(packed, dev),
+            Shape::from(na + nb),
+        ))
+    }
+}
+
+impl CustomOp3 for LoraGradAb {
+    fn name(&self) -> &'static str {
+        "cuda-lora-grad-ab"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("cuda-lora-grad-ab runs on CUDA only (the CPU backward is the fused CPU op's)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match s1.dtype() {
+            DType::F32 => self.run::<f32>(s1, l1, s2, l2, s3, l3),
+            DType::BF16 => self.run::<bf16>(s1, l1, s2, l2, s3, l3),
+            DType::F16 => self.run::<f16>(s1, l1, s2, l2, s3, l3),
+            dt => bail!("cuda-lora-grad-ab: no kernel for {dt:?}"),
+        }
+    }
+}
