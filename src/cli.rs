@@ -89,9 +89,26 @@ pub struct RunArgs {
     /// Stages running at once [default: the number of available cores].
     #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub jobs: Option<u32>,
-    /// Where stages run.
-    #[arg(long, value_enum, default_value_t = ExecutorChoice::Local)]
-    pub executor: ExecutorChoice,
+    /// Where stages run, for every stage [default: each stage's `executor`, else local].
+    #[arg(long, value_enum)]
+    pub executor: Option<ExecutorChoice>,
+    #[command(flatten)]
+    pub slurm: SlurmArgs,
+}
+
+/// How stages are submitted to Slurm (`--executor slurm`, or `executor = "slurm"` stages).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Slurm")]
+pub struct SlurmArgs {
+    /// Partition of every job (`sbatch --partition`).
+    #[arg(long, env = "PIPELINE_SLURM_PARTITION", value_name = "NAME")]
+    pub slurm_partition: Option<String>,
+    /// Account charged for every job (`sbatch --account`).
+    #[arg(long, env = "PIPELINE_SLURM_ACCOUNT", value_name = "NAME")]
+    pub slurm_account: Option<String>,
+    /// One more `sbatch` option for every job, e.g. `--sbatch-arg=--qos=high` (repeatable).
+    #[arg(long, value_name = "OPTION", allow_hyphen_values = true)]
+    pub sbatch_arg: Vec<String>,
 }
 
 /// Executors.

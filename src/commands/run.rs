@@ -1,10 +1,12 @@
-//! `pipeline run`: run a recipe (or a selection of it) on this machine.
+//! `pipeline run`: run a recipe (or a selection of it) on this machine, or its stages as
+//! Slurm jobs (`--executor slurm`, or stages with `executor = "slurm"`).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use engine::events::Reporter;
+use engine::exec::slurm::SlurmOptions;
 use engine::exec::{self, KeyEnv, RunOptions};
 use engine::graph::Graph;
 use engine::recipe::Recipe;
@@ -17,9 +19,6 @@ use crate::reporters::{Human, Json, Verbosity};
 pub fn run(g: &GlobalArgs, args: &RunArgs) -> CmdResult {
     let registry = registry();
     let recipe = load(&args.recipe.recipe, &args.recipe.set, &registry)?;
-    if args.executor == ExecutorChoice::Slurm {
-        return Err(slurm_unavailable());
-    }
     let graph = Graph::new(&recipe);
     let selected = if args.only.is_empty() && args.from.is_empty() && args.until.is_empty() {
         None
@@ -41,9 +40,44 @@ pub fn run(g: &GlobalArgs, args: &RunArgs) -> CmdResult {
         |j| j as usize,
     );
     let mut opts = RunOptions::new(jobs);
+    let slurm = slurm_options(args, &recipe, selected.as_ref())?;
     opts.selected = selected;
     opts.force = force;
-    execute(g, &recipe, &registry, opts)
+    execute_on(g, &recipe, &registry, opts, slurm.as_ref())
+}
+
+/// The Slurm options when any selected stage runs on Slurm (`--executor slurm`, or the
+/// stage's `executor` key without `--executor`); `None` runs everything locally.
+fn slurm_options(
+    args: &RunArgs,
+    recipe: &Recipe,
+    selected: Option<&BTreeSet<usize>>,
+) -> Result<Option<SlurmOptions>, Failure> {
+    let choice = args.executor.map(|e| match e {
+        ExecutorChoice::Local => "local",
+        ExecutorChoice::Slurm => "slurm",
+    });
+    let on_slurm = exec::slurm::on_slurm(recipe, choice);
+    let any = on_slurm
+        .iter()
+        .enumerate()
+        .any(|(i, &s)| s && selected.is_none_or(|sel| sel.contains(&i)));
+    if !any {
+        return Ok(None);
+    }
+    // Jobs run this very binary, so that the nodes compute keys with the same code.
+    let program = std::env::current_exe().map_err(|e| {
+        Failure::environment(miette::miette!(
+            "cannot find the path of the running `pipeline` binary for the Slurm jobs: {e}"
+        ))
+    })?;
+    let mut slurm = SlurmOptions::new(program, args.recipe.recipe.clone(), recipe);
+    slurm.on_slurm = on_slurm;
+    slurm.overrides.clone_from(&args.recipe.set);
+    slurm.partition.clone_from(&args.slurm.slurm_partition);
+    slurm.account.clone_from(&args.slurm.slurm_account);
+    slurm.sbatch_args.clone_from(&args.slurm.sbatch_arg);
+    Ok(Some(slurm))
 }
 
 /// Run with the reporters and Ctrl-C handling of the command line; shared with `exec`.
@@ -51,7 +85,18 @@ pub fn execute(
     g: &GlobalArgs,
     recipe: &Recipe,
     registry: &Registry,
+    opts: RunOptions,
+) -> CmdResult {
+    execute_on(g, recipe, registry, opts, None)
+}
+
+/// [`execute`] with the stages marked in `slurm` submitted as Slurm jobs.
+fn execute_on(
+    g: &GlobalArgs,
+    recipe: &Recipe,
+    registry: &Registry,
     mut opts: RunOptions,
+    slurm: Option<&SlurmOptions>,
 ) -> CmdResult {
     let cache = open_cache(g)?;
     opts.env = KeyEnv {
@@ -71,8 +116,11 @@ pub fn execute(
         };
         Box::new(Human::new(verbosity, g.no_progress))
     };
-    let summary = exec::run(recipe, registry, &cache, reporter.as_ref(), &opts)
-        .map_err(Failure::environment)?;
+    let summary = match slurm {
+        Some(slurm) => exec::slurm::run(recipe, registry, &cache, reporter.as_ref(), &opts, slurm),
+        None => exec::run(recipe, registry, &cache, reporter.as_ref(), &opts),
+    }
+    .map_err(Failure::environment)?;
     if let Err(e) = cache.save_stat_cache() {
         // Only a speed-up is lost; the results are committed.
         #[allow(clippy::print_stderr)]
@@ -98,21 +146,4 @@ fn cancel_flag() -> Arc<AtomicBool> {
         }
     });
     flag
-}
-
-fn slurm_unavailable() -> Failure {
-    let has_sbatch = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("sbatch").is_file()));
-    let report = if has_sbatch {
-        miette::miette!(
-            help = "run with `--executor local`, or submit `pipeline exec <recipe> <stage>` jobs yourself",
-            "the Slurm executor is not part of this build"
-        )
-    } else {
-        miette::miette!(
-            help = "install Slurm's client tools, or run with `--executor local`",
-            "`--executor slurm` needs `sbatch`, which is not on PATH"
-        )
-    };
-    Failure::environment(report)
 }

@@ -41,6 +41,7 @@
 
 pub mod keys;
 pub mod local;
+pub mod slurm;
 mod stage_run;
 
 use std::collections::BTreeSet;
@@ -133,6 +134,17 @@ pub enum ExecError {
         /// The cache's error.
         #[source]
         source: cache::Error,
+    },
+    /// Slurm cannot be used: its tools are missing, a submission was rejected, or the
+    /// controller stopped answering ([`slurm`]).
+    #[error("{message}")]
+    #[diagnostic(code(pipeline::exec::slurm))]
+    Slurm {
+        /// What went wrong, naming the stage or jobs concerned.
+        message: String,
+        /// What to do about it.
+        #[help]
+        help: String,
     },
     /// The selection names stages that do not exist.
     #[error("BUG: stage index {0} out of range")]
