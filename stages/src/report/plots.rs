@@ -95,6 +95,8 @@ struct HeatLayout {
 const TITLE_PX: f64 = 18.0;
 const LABEL_PX: f64 = 13.0;
 const CELL_PX: f64 = 13.0;
+const NOTE_PX: f64 = 11.0;
+const NOTE: &str = "rows: after training task i; columns: accuracy (%) on task j";
 
 fn text_width(text: &str, px: f64) -> Result<i32, ReportError> {
     ensure_font()?;
@@ -116,7 +118,9 @@ fn heat_layout(title: &str, tasks: &[String]) -> Result<HeatLayout, ReportError>
     let left = widest + 24;
     let top = 64;
     let n = i32::try_from(tasks.len()).unwrap_or(i32::MAX);
-    let w = (left + n * cell + 24).max(text_width(title, TITLE_PX)? + 24);
+    let w = (left + n * cell + 24)
+        .max(text_width(title, TITLE_PX)? + 24)
+        .max(text_width(NOTE, NOTE_PX)? + 24);
     let h = top + n * cell + 32;
     Ok(HeatLayout {
         cell,
@@ -160,16 +164,11 @@ impl Draw for Heat<'_> {
         let w = to_i32(l.size.0 as usize);
         root.draw_text(self.title, &title_style, (w / 2, 16))
             .map_err(plot_err)?;
-        let note = (FONT, 11.0)
+        let note = (FONT, NOTE_PX)
             .into_font()
             .color(&RGBColor(90, 90, 90))
             .pos(center);
-        root.draw_text(
-            "rows: after training task i; columns: accuracy (%) on task j",
-            &note,
-            (w / 2, 38),
-        )
-        .map_err(plot_err)?;
+        root.draw_text(NOTE, &note, (w / 2, 38)).map_err(plot_err)?;
         let label_right = (FONT, LABEL_PX)
             .into_font()
             .color(&BLACK)
