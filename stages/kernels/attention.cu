@@ -113,6 +113,7 @@ __device__ void attn_fwd_simt(const T* q, const T* k, const T* v, T* o, float* r
 #pragma unroll
                 for (int e = 0; e < E; e++) part += qr[r][e] * ks[jj][lane + 32 * e];
                 const float sc = attn_score(p, mask, range, bi, h, row, j0 + jj, warp_sum(part));
+                if (sc == NEG_INF()) continue;  // a -inf mask entry: weight exactly 0 (warp-uniform)
                 if (sc > m[r]) {
                     const float corr = expf(m[r] - sc);
                     l[r] *= corr;
@@ -234,20 +235,24 @@ __device__ void attn_fwd_mma(const T* q, const T* k, const T* v, T* o, float* ro
                 tmax[e >> 1] = fmaxf(tmax[e >> 1], sc);
             }
         }
-        float corr[2], tsum[2] = {0.f, 0.f};
+        float corr[2], sh[2], tsum[2] = {0.f, 0.f};
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
             tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
-            const float mn = fmaxf(mr[r], tmax[r]);  // finite: key j0 < hi is in this tile
-            corr[r] = expf(mr[r] - mn);              // exp(-inf) = 0 on the first tile
+            // The max stays -inf only while every score so far is a -inf mask entry; then
+            // shift by 0 instead, so that exp(-inf - shift) is 0 rather than NaN.
+            const float mn = fmaxf(mr[r], tmax[r]);
+            const float shift = mn == NEG_INF() ? 0.f : mn;
+            corr[r] = expf(mr[r] - shift);  // exp(-inf) = 0 on the first tile
             mr[r] = mn;
+            sh[r] = shift;
         }
 #pragma unroll
         for (int n = 0; n < NT; n++) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                const float pv = expf(sacc[n][e] - mr[e >> 1]);
+                const float pv = expf(sacc[n][e] - sh[e >> 1]);
                 sacc[n][e] = pv;
                 tsum[e >> 1] += pv;
             }

@@ -154,9 +154,9 @@ struct CudaAttention {
 }
 
 impl CudaAttention {
-    /// The fused CPU op with the same semantics, for `q: [b, hq, s, _]`, `t` keys; causal
+    /// The fused CPU op with the same semantics, for `q: [b, _, s, _]`, `t` keys; causal
     /// and key-range masks are written out as `f32::MIN` entries of a dense mask.
-    fn cpu_op(&self, b: usize, hq: usize, s: usize, t: usize) -> Result<cpu_attention::Attention> {
+    fn cpu_op(&self, b: usize, s: usize, t: usize) -> Result<cpu_attention::Attention> {
         let mh = self.mask.as_ref().map_or(1, |m| m.1);
         let mut data = match &self.mask {
             Some((m, _)) => Some(m.flatten_all()?.to_vec1::<f32>()?),
@@ -296,7 +296,7 @@ impl CustomOp3 for CudaAttention {
         if q.len() != 4 || k.len() != 4 {
             bail!("attention: q {q:?} and k {k:?} must be rank 4")
         }
-        self.cpu_op(q[0], q[1], q[2], k[2])?
+        self.cpu_op(q[0], q[2], k[2])?
             .cpu_fwd(s1, l1, s2, l2, s3, l3)
     }
 
@@ -326,8 +326,8 @@ impl CustomOp3 for CudaAttention {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if !q.device().is_cuda() {
-            let (b, hq, s, _) = q.dims4()?;
-            return self.cpu_op(b, hq, s, k.dim(2)?)?.bwd(q, k, v, res, g);
+            let (b, _, s, _) = q.dims4()?;
+            return self.cpu_op(b, s, k.dim(2)?)?.bwd(q, k, v, res, g);
         }
         let op = AttentionGrad {
             fwd: CudaAttention {
@@ -488,22 +488,24 @@ impl CudaLora {
         l3: &Layout,
         f: impl FnOnce(&Lora<'_, T>) -> Result<R>,
     ) -> Result<R> {
-        let (x, _) = view::<T>(s1, l1, "lora_linear")?;
-        let (a, _) = view::<T>(s2, l2, "lora_linear")?;
-        let (bm, _) = view::<T>(s3, l3, "lora_linear")?;
+        let (x, ex) = view::<T>(s1, l1, "lora_linear")?;
+        let (a, ea) = view::<T>(s2, l2, "lora_linear")?;
+        let (bm, eb) = view::<T>(s3, l3, "lora_linear")?;
         let (ws, wl) = self.w.storage_and_layout();
         let Storage::Cuda(wc) = &*ws else {
             bail!("lora_linear: W must be on the CUDA device")
         };
-        let (w, _) = view::<T>(wc, wl, "lora_linear weight")?;
+        let (w, ew) = view::<T>(wc, wl, "lora_linear weight")?;
         let bguard = self.b.as_ref().map(|b| b.storage_and_layout());
         let bias = match &bguard {
             None => None,
             Some((st, l)) => match &**st {
-                Storage::Cuda(bc) => Some(view::<T>(bc, l, "lora_linear bias")?.0),
+                Storage::Cuda(bc) => Some(view::<T>(bc, l, "lora_linear bias")?),
                 _ => bail!("lora_linear: bias must be on the CUDA device"),
             },
         };
+        let bias_even = bias.as_ref().is_none_or(|b| b.1);
+        let bias = bias.map(|b| b.0);
         let (n, k) = (wl.dims()[0], wl.dims()[1]);
         let r = l2.dims().first().copied().unwrap_or(0);
         let xk = l1.dims().last().copied().unwrap_or(0);
@@ -526,6 +528,7 @@ impl CudaLora {
             n,
             r,
             scale: self.scale as f32,
+            aligned: ex && ea && eb && ew && bias_even,
         };
         f(&l)
     }

@@ -386,6 +386,9 @@ pub struct Lora<'a, T> {
     pub n: usize,
     pub r: usize,
     pub scale: f32,
+    /// Every operand starts at an even element offset (the tensor-core kernel loads element
+    /// pairs as 32-bit words).
+    pub aligned: bool,
 }
 
 /// `y = x Wᵀ + b + (scale · x Aᵀ) Bᵀ` into `y: [m, n]`: one skinny GEMM for `u`, then
@@ -401,7 +404,7 @@ pub fn lora_fwd<T: Elem>(
     let mut u = st.alloc_zeros::<T>((m * r).max(1))?;
     let at = Mat::row_major(l.a.slice(..), r, k).t();
     gemm2(kern, st, &x, &at, l.scale, None, None, &mut u.slice_mut(..))?;
-    if T::MMA && k % 2 == 0 && r % 2 == 0 && n % 2 == 0 {
+    if T::MMA && l.aligned && k % 2 == 0 && r % 2 == 0 && n % 2 == 0 {
         let f = kern.function(&format!("lora_fwd_mma_{}", T::NAME))?;
         let dims = [
             i32_of(m, "m")?,
