@@ -151,7 +151,7 @@ fn chain_writes_loadable_dirs_and_accumulates_key_elements() {
         serde_json::from_slice(&std::fs::read(pre.join("train_log.json")).unwrap()).unwrap();
     assert_eq!(log.len(), 2);
 
-    let reg = json!({"top_percent": 2.0, "lambda": 2.5e3});
+    let reg = json!(2.5e3);
     let p1 = json!({"task": "ScienceQA", "steps": 2, "batch_size": 2, "rank": 4, "lr": 1e-3, "reglora": reg});
     let (t1, log1) = run_with(
         &LoraTrain,
@@ -249,7 +249,7 @@ fn chain_writes_loadable_dirs_and_accumulates_key_elements() {
         std::fs::read(t2.join(KEY_ELEMENTS_FILE)).unwrap()
     );
 
-    // Bad input is named: an unknown task and a bad reglora key.
+    // Bad input is named: an unknown task and an out-of-range RegLoRA percentage.
     let err = run_with(
         &LoraTrain,
         &root.path().join("bad"),
@@ -264,14 +264,14 @@ fn chain_writes_loadable_dirs_and_accumulates_key_elements() {
     let err = run_with(
         &LoraTrain,
         &root.path().join("bad2"),
-        json!({"task": "GQA", "reglora": {"top": 1.0}}),
+        json!({"task": "GQA", "reglora": 1.0, "reglora_top": 0.0}),
         &[("base", &pre), ("data", &data)],
         1,
         None,
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("unknown key `top`"), "{err}");
+    assert!(err.contains("`reglora_top` = 0"), "{err}");
 }
 
 #[test]

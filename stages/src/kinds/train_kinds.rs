@@ -8,9 +8,9 @@
 //!   tower, projector, decoder) on the dataset's captioning split and optionally task splits.
 //! - `train.lora` attaches a fresh LoRA to a base model, trains it (plus the projector in its
 //!   own lr group, as SEFE does) on one task's training file, saves the adapter in PEFT layout
-//!   and the merged model. With `reglora` set it adds RegLoRA's penalty
+//!   and the merged model. With `reglora` (λ) > 0 it adds RegLoRA's penalty
 //!   ([`crate::train::reglora`]) at the key elements that the base model carries in
-//!   `reglora_key_elements.safetensors` (written by the previous `train.lora` with `reglora`)
+//!   `reglora_key_elements.safetensors` (written by the previous `train.lora` with RegLoRA on)
 //!   and writes the accumulated set (this task's top entries, then the earlier ones) into its
 //!   own merged model. Carrying the set inside the model directory is what lets `chain = true`
 //!   (which only passes the previous stage's default output) wire RegLoRA across tasks; the
@@ -420,39 +420,27 @@ struct LoraParams {
     lr: f64,
     projector_lr: f64,
     weight_decay: f64,
-    reglora: serde_json::Map<String, Value>,
+    reglora: f64,
+    reglora_top: f64,
     #[serde(flatten)]
     lp: LoopParams,
 }
 
-/// `reglora = { top_percent, lambda }`; an empty table turns it off.
-fn reglora_params(t: &serde_json::Map<String, Value>) -> Result<Option<(f64, f64)>, StageError> {
-    if t.is_empty() {
-        return Ok(None);
+/// `reglora` (the penalty weight λ; 0 turns RegLoRA off) and `reglora_top` (the percent of
+/// entries of each ΔW kept as key elements). Flat numbers rather than a table so that a
+/// recipe can sweep RegLoRA on and off with a matrix dimension named `reglora`.
+fn reglora_params(lambda: f64, top: f64) -> Result<Option<(f64, f64)>, StageError> {
+    if !(lambda.is_finite() && lambda >= 0.0) {
+        return Err(StageError::Input(format!(
+            "parameter `reglora` = {lambda} must be a finite number >= 0 (0 turns RegLoRA off)"
+        )));
     }
-    let (mut top, mut lambda) = (2.0, 2.5e3);
-    for (k, v) in t {
-        let x = v.as_f64().ok_or_else(|| {
-            StageError::Input(format!(
-                "parameter `reglora.{k}`: expected a number, got {v}"
-            ))
-        })?;
-        match k.as_str() {
-            "top_percent" if (0.0..=100.0).contains(&x) => top = x,
-            "lambda" if x >= 0.0 => lambda = x,
-            "top_percent" | "lambda" => {
-                return Err(StageError::Input(format!(
-                    "parameter `reglora.{k}` = {x} is out of range"
-                )));
-            }
-            _ => {
-                return Err(StageError::Input(format!(
-                    "parameter `reglora`: unknown key `{k}` (expected `top_percent` and/or `lambda`)"
-                )));
-            }
-        }
+    if !(top > 0.0 && top <= 100.0) {
+        return Err(StageError::Input(format!(
+            "parameter `reglora_top` = {top} must be a percentage in (0, 100]"
+        )));
     }
-    Ok(Some((top, lambda)))
+    Ok((lambda > 0.0).then_some((top, lambda)))
 }
 
 const DEFAULT_TARGETS: &str = "language_model";
@@ -523,9 +511,15 @@ impl StageKind for LoraTrain {
             ),
             spec(
                 "reglora",
-                ParamType::Table,
-                Some(json!({})),
-                "RegLoRA: { top_percent = 2.0, lambda = 2.5e3 }; empty = off",
+                ParamType::Float,
+                Some(json!(0.0)),
+                "RegLoRA penalty weight lambda (the paper: 2.5e3); 0 = off",
+            ),
+            spec(
+                "reglora_top",
+                ParamType::Float,
+                Some(json!(2.0)),
+                "RegLoRA: percent of each update's entries kept as key elements",
             ),
         ];
         v.extend(loop_specs(0, 8, 20));
@@ -556,7 +550,7 @@ impl StageKind for LoraTrain {
     fn run(&self, ctx: &mut StageCtx<'_>) -> Result<(), StageError> {
         crate::model::configure_cpu_runtime();
         let p: LoraParams = ctx.params()?;
-        let reg = reglora_params(&p.reglora)?;
+        let reg = reglora_params(p.reglora, p.reglora_top)?;
         let (base, data) = (
             Path::new(&p.base).to_path_buf(),
             Path::new(&p.data).to_path_buf(),
