@@ -322,15 +322,15 @@ pub fn run(
                         let _ = tx.send((i, outcome));
                     });
                 }
+                if local_running == 0 && !sched.has_jobs() && sched.queue.is_empty() {
+                    // `advance` has just resolved or submitted every stage it can (after the
+                    // last poll's results); with nothing in flight, nothing more can happen.
+                    break;
+                }
                 if let Err(e) = sched.poll() {
                     fatal = Some(e);
                     opts.cancel.store(true, Ordering::Relaxed);
                     continue;
-                }
-                if local_running == 0 && !sched.has_jobs() && sched.queue.is_empty() {
-                    // `advance` submits or resolves every stage it can; with nothing in
-                    // flight, nothing more can happen.
-                    break;
                 }
             }
             let wait = if sched.has_jobs() {
