@@ -70,6 +70,13 @@ fn struct_param_size(ptx: &str, kernel: &str) -> Option<usize> {
     sig[open + 1..close].parse().ok()
 }
 
+/// The PTX of one kernel, from its `.entry` to the next one.
+fn entry_body<'a>(ptx: &'a str, kernel: &str) -> Option<&'a str> {
+    let start = ptx.find(&format!(".entry {kernel}("))?;
+    let rest = &ptx[start + 1..];
+    Some(&rest[..rest.find(".entry ").unwrap_or(rest.len())])
+}
+
 #[test]
 #[allow(clippy::print_stderr)] // says why it did nothing
 fn kernels_compile_and_match_launchers() {
@@ -90,6 +97,22 @@ fn kernels_compile_and_match_launchers() {
                 "{arch}: kernel {name} missing from the PTX"
             );
         }
+        for t in ["bf16", "f16"] {
+            let mma = format!("mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32");
+            for k in [
+                format!("attn_fwd_mma_{t}_d128"),
+                format!("lora_fwd_mma_{t}"),
+            ] {
+                assert!(
+                    entry_body(&all, &k).is_some_and(|b| b.contains(&mma)),
+                    "{arch}: {k} does not use {mma}"
+                );
+            }
+        }
+        assert!(
+            entry_body(&all, "attn_fwd_simt_bf16_d128").is_some_and(|b| !b.contains("mma.sync")),
+            "{arch}: the SIMT kernel must not use tensor cores"
+        );
         assert_eq!(
             struct_param_size(&all, "attn_fwd_mma_bf16_d128"),
             Some(std::mem::size_of::<AttnParams>()),
