@@ -349,3 +349,50 @@ fn stages_marked_slurm_run_as_jobs_and_the_rest_locally() {
     r.ok();
     assert!(job_logs(&p).is_empty());
 }
+
+#[test]
+fn ctrl_c_cancels_every_job_of_the_run() {
+    if !slurm_available("ctrl_c_cancels_every_job_of_the_run") {
+        return;
+    }
+    let p = Project::new(&RESUME.replace("name = \"resume\"", "name = \"interrupt\""));
+    let recipe = p.recipe();
+    let mut cmd = p.cmd(&[
+        "--json",
+        "--no-progress",
+        "run",
+        recipe.to_str().unwrap(),
+        "--executor",
+        "slurm",
+    ]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let start = Instant::now();
+    // `slow` running and `c` queued behind it.
+    while !p.exec_counts().contains_key("slow") {
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "`slow` never started"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(squeue_ids("interrupt:c").len(), 1);
+    // SAFETY: kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let out = wait_timeout(child, Duration::from_secs(60));
+    let r = RunResult {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_eq!(r.code, 130, "{}\n{}", r.stdout, r.stderr);
+    for name in ["interrupt:slow", "interrupt:c"] {
+        assert!(
+            squeue_ids(name).is_empty(),
+            "job {name} is still queued after Ctrl-C"
+        );
+    }
+    assert!(!p.proj().join("out/slow.txt").exists());
+    assert_eq!(p.exec_counts().get("c"), None);
+}
