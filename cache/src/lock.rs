@@ -4,7 +4,9 @@
 //! - Mutual exclusion is the `flock` (the kernel drops it when the holder dies, so a killed
 //!   run on this host never leaves a lock behind; fds are close-on-exec, so child processes
 //!   of a stage cannot inherit it).
-//! - The holder rewrites the record every `heartbeat` from a background thread. A waiter
+//! - The holder rewrites the record every `heartbeat`; one background thread per [`Cache`]
+//!   does it for every lease the process holds (a thread per lease cost a spawn and a join
+//!   on the critical path of every stage). A waiter
 //!   that finds the flock held still breaks the lease if the record says the holder is dead
 //!   (same host, `kill(pid, 0)` fails with `ESRCH`) or its heartbeat is older than
 //!   `stale_after × heartbeat` (any host: covers hung NFS clients whose flock lingers).
@@ -25,7 +27,6 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -67,8 +68,9 @@ pub struct LockGuard {
     file: File,
     path: PathBuf,
     ino: u64,
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// The heartbeat registry this lease is in, and its id there.
+    beats: Arc<BeatShared>,
+    id: u64,
     lost: Arc<AtomicBool>,
     broke: Option<LockHolder>,
 }
@@ -90,16 +92,140 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // Out of the registry first: the heartbeat thread writes only under its lock, so no
+        // record is written after this.
+        self.beats.lock().leases.remove(&self.id);
         // Unlink only if the path is still ours (a breaker may have replaced it).
         if fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
             let _ = fs::remove_file(&self.path);
         }
         let _ = self.file.unlock();
     }
+}
+
+/// The heartbeats of every lease a [`Cache`] holds, refreshed by one thread that starts
+/// with the first lease and stops when the cache is dropped.
+#[derive(Debug, Default)]
+pub(crate) struct Heartbeats {
+    shared: Arc<BeatShared>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct BeatShared {
+    state: std::sync::Mutex<BeatState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct BeatState {
+    leases: std::collections::HashMap<u64, Beat>,
+    next_id: u64,
+    stop: bool,
+}
+
+/// One lease as the heartbeat thread sees it.
+#[derive(Debug)]
+struct Beat {
+    file: File,
+    path: PathBuf,
+    ino: u64,
+    lost: Arc<AtomicBool>,
+}
+
+impl BeatShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BeatState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Heartbeats {
+    /// Registers a lease. The thread (started by the first lease, with its `interval` and
+    /// `record`, which are the same for every lease of one cache) rewrites the record of
+    /// every registered lease each interval.
+    fn add(
+        &self,
+        beat: Beat,
+        interval: Duration,
+        record: impl Fn() -> String + Send + 'static,
+    ) -> std::io::Result<u64> {
+        let id = {
+            let mut st = self.shared.lock();
+            st.next_id += 1;
+            let id = st.next_id;
+            st.leases.insert(id, beat);
+            id
+        };
+        let mut thread = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if thread.is_none() {
+            let shared = self.shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name("cache-heartbeat".into())
+                .spawn(move || beat_loop(&shared, interval, &record));
+            match spawned {
+                Ok(t) => *thread = Some(t),
+                Err(e) => {
+                    self.shared.lock().leases.remove(&id);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(id)
+    }
+}
+
+fn beat_loop(shared: &BeatShared, interval: Duration, record: &dyn Fn() -> String) {
+    let mut st = shared.lock();
+    loop {
+        let deadline = Instant::now() + interval;
+        // Sleep a full interval (spurious wake-ups included), unless told to stop.
+        while !st.stop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = shared
+                .wake
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        if st.stop {
+            return;
+        }
+        let now = record();
+        for beat in st.leases.values() {
+            let _ = write_record(&beat.file, &now);
+            if !fs::metadata(&beat.path).is_ok_and(|m| m.ino() == beat.ino) {
+                beat.lost.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.wake.notify_all();
+        if let Some(t) = self
+            .thread
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Overwrites the record in place. Only shrinks the file if a previous holder's record was
+/// longer (a long host name).
+fn write_record(f: &File, s: &str) -> std::io::Result<()> {
+    f.write_all_at(s.as_bytes(), 0)?;
+    if f.metadata()?.len() > s.len() as u64 {
+        f.set_len(s.len() as u64)?;
+    }
+    Ok(())
 }
 
 /// Width of the lock record (padded with spaces).
@@ -308,38 +434,26 @@ impl Cache {
                 s
             }
         };
-        let write = |f: &File, s: &str| -> std::io::Result<()> {
-            f.write_all_at(s.as_bytes(), 0)?;
-            // Only shrinks if a previous holder's record was longer (a long host name).
-            if f.metadata()?.len() > s.len() as u64 {
-                f.set_len(s.len() as u64)?;
-            }
-            Ok(())
-        };
-        write(&file, &record()).map_err(|e| self.io(&path, "cannot write lock", e))?;
-        let (tx, rx) = mpsc::channel::<()>();
+        write_record(&file, &record()).map_err(|e| self.io(&path, "cannot write lock", e))?;
         let lost = Arc::new(AtomicBool::new(false));
-        let hb = file
-            .try_clone()
-            .map_err(|e| self.io(&path, "cannot clone lock handle", e))?;
-        let (interval, p, l) = (self.opts.heartbeat, path.clone(), lost.clone());
-        let thread = std::thread::Builder::new()
-            .name("cache-lease".into())
-            .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(interval) {
-                    let _ = write(&hb, &record());
-                    if !fs::metadata(&p).is_ok_and(|m| m.ino() == ino) {
-                        l.store(true, Ordering::Relaxed);
-                    }
-                }
-            })
+        let beat = Beat {
+            file: file
+                .try_clone()
+                .map_err(|e| self.io(&path, "cannot clone lock handle", e))?,
+            path: path.clone(),
+            ino,
+            lost: lost.clone(),
+        };
+        let id = self
+            .beats
+            .add(beat, self.opts.heartbeat, record)
             .map_err(|e| self.io(&path, "cannot start heartbeat thread for", e))?;
         Ok(LockGuard {
             file,
             path,
             ino,
-            stop: Some(tx),
-            thread: Some(thread),
+            beats: self.beats.shared.clone(),
+            id,
             lost,
             broke,
         })

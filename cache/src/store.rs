@@ -91,6 +91,10 @@ pub struct Cache {
     gc_lock: Mutex<(Option<File>, usize)>,
     /// Removes emptied staging directories in the background (see [`fsutil::Reaper`]).
     pub(crate) reaper: fsutil::Reaper,
+    /// Empty directories recycled between stages (see [`fsutil::Spares`]).
+    pub(crate) spares: fsutil::Spares,
+    /// The heartbeat thread of this process's leases.
+    pub(crate) beats: crate::lock::Heartbeats,
 }
 
 /// A hold on the shared gc lock; the last one in the process releases the flock.
@@ -155,6 +159,8 @@ impl Cache {
             verified_objects: Mutex::new(HashSet::new()),
             gc_lock: Mutex::new((None, 0)),
             reaper: fsutil::Reaper::default(),
+            spares: fsutil::Spares::default(),
+            beats: crate::lock::Heartbeats::default(),
         })
     }
 
@@ -347,7 +353,11 @@ impl Cache {
     /// The directory cannot be created.
     pub fn checkpoint_dir(&self, key: &Key) -> Result<PathBuf> {
         let d = self.v.join("checkpoints").join(key.to_hex());
-        fsutil::mkdirs(&self.root, &d)?;
+        // A spare can only land on a missing or empty directory, so a previous attempt's
+        // checkpoints are never replaced.
+        if !self.spares.take(&d) {
+            fsutil::mkdirs(&self.root, &d)?;
+        }
         Ok(d)
     }
 
@@ -407,6 +417,14 @@ impl Cache {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Records that this process has verified (or itself written) tree `digest`.
+    pub(crate) fn mark_tree_verified(&self, digest: Digest) {
+        self.verified_trees
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest);
     }
 
     /// Checks a file against its recorded digest: stat cache, or this process's own hash,

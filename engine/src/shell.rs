@@ -283,7 +283,7 @@ fn run_command(ctx: &mut StageCtx<'_>, cmd: &str) -> Result<(), StageError> {
     let writer2 = writer
         .try_clone()
         .map_err(|e| StageError::Other(format!("cannot clone a pipe: {e}")))?;
-    let mut command = Command::new("sh");
+    let mut command = Command::new(sh_path());
     command
         .arg("-c")
         .arg(cmd)
@@ -320,6 +320,16 @@ fn run_command(ctx: &mut StageCtx<'_>, cmd: &str) -> Result<(), StageError> {
         return Err(StageError::Other(format!("command failed with {how}")));
     }
     Ok(())
+}
+
+/// `/bin/sh` (POSIX puts it there), or `sh` looked up in `PATH` on a system without it.
+/// The absolute path saves an `execve` attempt per `PATH` entry for every stage.
+fn sh_path() -> &'static Path {
+    static SH: std::sync::OnceLock<&'static Path> = std::sync::OnceLock::new();
+    SH.get_or_init(|| {
+        let bin = Path::new("/bin/sh");
+        if bin.is_file() { bin } else { Path::new("sh") }
+    })
 }
 
 /// How often a waiting stage looks at the cancel flag.

@@ -132,7 +132,7 @@ fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, 
         .checkpoint_dir(&job.key)
         .map_err(|e| cache_err("cannot create the checkpoint directory", e))?;
     let log_path = staging.log_path();
-    let mut log = std::fs::File::create(&log_path).map_err(|e| StageError::io(&log_path, e))?;
+    let mut log = LazyLog::new(log_path.clone());
     let out_dir = staging.dir().join("out");
     let progress = Reported::new(env.reporter, &node.name);
     let started = SystemTime::now();
@@ -182,6 +182,37 @@ fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, 
         Ok(()) => Ok(Outcome::Ran(entry)),
         Err(FinishError::Corrupt(msg)) => Err(Retry::StaleTree(msg)),
         Err(FinishError::Other(e)) => Err(Retry::Stage(e)),
+    }
+}
+
+/// The stage log, created on the first write. Most trivial stages print nothing, and an
+/// empty file costs an inode creation (a journaled metadata write) per stage; without
+/// one the entry simply has no `log.txt`.
+struct LazyLog {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl LazyLog {
+    fn new(path: PathBuf) -> Self {
+        Self { path, file: None }
+    }
+}
+
+impl std::io::Write for LazyLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self.file.insert(std::fs::File::create(&self.path)?),
+        };
+        file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), std::io::Write::flush)
     }
 }
 
