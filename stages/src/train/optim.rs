@@ -153,7 +153,10 @@ impl AdamW {
             let g = store
                 .get(var.as_tensor())
                 .ok_or_else(|| TrainError::NoGradient(name.clone()))?;
-            out.insert(name.clone(), g.to_dtype(DType::F32)?);
+            // Detached: a gradient computed by backward carries the op graph that made it
+            // (and through it this step's activations); kept in the moments, it would chain
+            // every step's graph to the next and memory would grow without bound.
+            out.insert(name.clone(), g.detach().to_dtype(DType::F32)?);
         }
         Ok(out)
     }
@@ -172,12 +175,13 @@ impl AdamW {
                     .get(name)
                     .ok_or_else(|| TrainError::NoGradient(name.clone()))?;
                 let (m, v) = &self.moments[name];
-                let mut p = var.as_tensor().to_dtype(DType::F32)?;
+                let mut p = var.as_tensor().detach().to_dtype(DType::F32)?;
                 if group.weight_decay != 0.0 {
                     p = p.affine(1.0 - lr * group.weight_decay, 0.0)?;
                 }
-                let m = ((m * beta1)? + (g * (1.0 - beta1))?)?;
-                let v = ((v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                let g = g.detach();
+                let m = ((m * beta1)? + (&g * (1.0 - beta1))?)?.detach();
+                let v = ((v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?.detach();
                 let denom = ((v.sqrt()? / bc2_sqrt)? + eps)?;
                 let p = (p - (m.div(&denom)? * (lr / bc1))?)?;
                 var.set(&p.to_dtype(var.dtype())?)?;
