@@ -122,6 +122,8 @@ fn heat_layout(title: &str, tasks: &[String]) -> Result<HeatLayout, ReportError>
         .max(text_width(title, TITLE_PX)? + 24)
         .max(text_width(NOTE, NOTE_PX)? + 24);
     let h = top + n * cell + 32;
+    // A title wider than the grid: centre the grid under it.
+    let left = left.max((w - n * cell) / 2);
     Ok(HeatLayout {
         cell,
         left,
@@ -299,7 +301,8 @@ impl Draw for Losses<'_> {
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            // Losses fall from their first steps, so the lower left is the emptiest corner.
+            .position(SeriesLabelPosition::LowerLeft)
             .background_style(WHITE.mix(0.85))
             .border_style(RGBColor(180, 180, 180))
             .label_font((FONT, 12.0))
