@@ -146,6 +146,33 @@ fn plan_with_manifests(
             manifests.push(None);
             continue;
         }
+        if !any_refs
+            && !keep
+            && node
+                .inputs
+                .iter()
+                .any(|inp| !matches!(known[inp.stage], Known::Hit(_)))
+        {
+            // Never ran and an input is not known yet: the answer is `never run` whatever the
+            // manifest says, so it is not built (most of a cold plan's own time). Unreadable
+            // external files are still errors.
+            if let Err(e) = keys::check_externals(recipe, node, cache) {
+                row.error = Some(e.to_string());
+                rows.push(row);
+                known.push(Known::Error);
+                manifests.push(None);
+                continue;
+            }
+            row.reasons = vec![RerunReason::NeverRun];
+            if force.contains(&i) {
+                row.reasons.insert(0, RerunReason::Forced);
+            }
+            row.status = Status::Run;
+            rows.push(row);
+            known.push(Known::Run);
+            manifests.push(None);
+            continue;
+        }
         let digest = |inp: &crate::recipe::Input| match &known[inp.stage] {
             Known::Hit(e) => keys::input_digest(recipe, inp, e).map(Some),
             _ => Ok(None),

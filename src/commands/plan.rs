@@ -66,5 +66,8 @@ pub fn plan(g: &GlobalArgs, args: &RecipeArgs) -> CmdResult {
         );
     }
     out(&text);
+    // The process ends here: freeing a 10,000-stage recipe and plan one allocation at a
+    // time would cost ~6% of the command (measured with callgrind), for nothing.
+    std::mem::forget((recipe, plan));
     Ok(0)
 }

@@ -121,6 +121,25 @@ pub fn manifest(
     Ok((manifest, unknown))
 }
 
+/// Checks that every external file of `node` is readable (hashing it through the stat
+/// cache, as [`manifest`] would), without building the manifest: what a plan needs for a
+/// stage whose key cannot be known yet.
+///
+/// # Errors
+/// An unreadable external file, as from [`manifest`].
+pub fn check_externals(recipe: &Recipe, node: &StageNode, cache: &Cache) -> Result<(), KeyError> {
+    for ext in &node.externals {
+        cache
+            .digest_path(&recipe.dir.join(&ext.path))
+            .map_err(|source| KeyError::External {
+                param: ext.param.clone(),
+                path: ext.path.to_string_lossy().into_owned(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
 /// The parameters a stage sees when it runs: references replaced by the directories of the
 /// referenced outputs (`dirs[i]` for `node.inputs[i]`), external paths made absolute is
 /// *not* done (stages resolve them against `recipe_dir`).
