@@ -13,11 +13,14 @@
 //!     │   ├── manifest.json       the commit marker, written last (see `Manifest`)
 //!     │   └── log.txt             the stage's captured log
 //!     ├── trees/<tree-digest>/    materialized outputs: read-only dirs of hardlinks into
-//!     │                           objects, built atomically (what stages and `runs/` see)
+//!     │                           objects (the staged output itself, renamed at commit, or
+//!     │                           built atomically from the objects): what stages and
+//!     │                           `runs/` see
 //!     ├── refs/<experiment>/<stage>.json   last committed key (for "diff against last run")
 //!     ├── checkpoints/<key>/      stage scratch that survives interruption; removed on commit
 //!     ├── locks/<key>.lock        per-key leases (flock + pid/host/heartbeat record)
-//!     ├── tmp/                    staging dirs and tree builds (same filesystem: renames)
+//!     ├── tmp/                    staging dirs, tree builds, spare empty dirs (same
+//!     │                           filesystem: renames)
 //!     ├── gc.lock                 commits hold it shared, `gc` exclusive
 //!     └── statcache.bin           (dev, inode, size, mtime, ctime) -> digest
 //! ```
@@ -52,8 +55,9 @@
 //! # Durability: crash-safe always, power-loss-safe on request
 //!
 //! The commit protocol (see `commit`) orders its steps so that an entry exists only once
-//! everything it names is in place: objects are renamed in first, `manifest.json` is
-//! written to a temp file and renamed over last. That ordering alone makes the store safe
+//! everything it names is in place: objects are linked in first, then the output trees;
+//! `manifest.json` is written into the staging directory, and renaming that directory to
+//! `entries/<key>/` is the commit. That ordering alone makes the store safe
 //! against the process dying at any instant (SIGKILL, OOM, a panic): finished writes live
 //! in the kernel's page cache, which outlives the process, and `rename` is atomic. The
 //! SIGKILL-anywhere tests exercise exactly this guarantee, with fsync off.
