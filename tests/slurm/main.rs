@@ -21,6 +21,7 @@ mod common;
 mod errors;
 mod runs;
 
+use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -40,7 +41,10 @@ pub(crate) fn slurm_available(test: &str) -> bool {
                 !required,
                 "PIPELINE_REQUIRE_SLURM=1 but no usable Slurm cluster: {why}"
             );
-            eprintln!(
+            // Straight to the stderr file descriptor: the test harness captures `eprintln!`
+            // of passing tests, and a skip must be visible.
+            let _ = writeln!(
+                std::io::stderr(),
                 "skipping {test}: no usable Slurm cluster ({why}). To run it: \
                  `sudo bash scripts/slurm/start-local-slurm.sh && source \
                  /tmp/pipeline-slurm/env.sh`, then `cargo test --test slurm` \
