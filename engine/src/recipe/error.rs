@@ -30,6 +30,7 @@
 //! | `ambiguous_ref` | `@x` to an expanded stage, or `@x/*` to a plain one |
 //! | `duplicate_stage`, `duplicate_var` | defined twice (includes, repeated `foreach` items) |
 //! | `cycle` | stages depend on each other in a cycle (every stage named, every edge labelled) |
+//! | `chain_mismatch` | `chain` links to a stage not expanded like the chained one |
 //! | `bad_set` | a `--set` path that names nothing |
 //!
 //! `Diagnostic` is implemented by hand rather than derived because codes, the number of

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use super::Ctx;
+use super::chain::{TargetCheck, check_targets, links, suffix};
 use super::error::{Label, did_you_mean};
 use super::items::{Item, check_vars, elements};
 use super::load::Doc;
@@ -66,6 +67,9 @@ pub(crate) struct PendingRef {
     pub target: String,
     pub loc: Loc,
     pub want: ArtifactType,
+    /// Whether the reference stands in a list (an element, or a list parameter written as
+    /// one string): only there may a gather expand to several references.
+    pub many: bool,
 }
 
 fn valid_stage_name(s: &str) -> bool {
@@ -79,6 +83,11 @@ fn valid_stage_name(s: &str) -> bool {
 pub(crate) struct Expanded {
     pub pending: Vec<Pending>,
     pub broken: HashSet<String>,
+    /// Chains to other stages, checked once every stage is expanded.
+    pub chained: Vec<TargetCheck>,
+    /// Places of generated references already reported wrong (a chain to a stage that does
+    /// not match): resolution does not report them again.
+    pub quiet: HashSet<Loc>,
 }
 
 /// Expand every stage of `doc`, in declaration order.
@@ -87,23 +96,19 @@ pub(crate) fn expand(doc: &Doc, registry: &Registry, ctx: &mut Ctx) -> Expanded 
     let mut out = Expanded {
         pending: Vec::with_capacity(doc.stages.len()),
         broken: HashSet::new(),
+        chained: Vec::new(),
+        quiet: HashSet::new(),
     };
     for e in doc.stages.iter() {
         if let V::Table(t) = &e.val.v
             && !expand_stage(
-                &e.key,
-                e.key_loc,
-                t,
-                &doc.vars,
-                &vars,
-                registry,
-                ctx,
-                &mut out.pending,
+                &e.key, e.key_loc, t, &doc.vars, &vars, registry, ctx, &mut out,
             )
         {
             out.broken.insert(e.key.clone());
         }
     }
+    check_targets(doc, &mut out, ctx);
     out
 }
 
@@ -117,7 +122,7 @@ fn expand_stage(
     vars: &[(String, Option<Vec<Item>>)],
     registry: &Registry,
     ctx: &mut Ctx,
-    out: &mut Vec<Pending>,
+    out: &mut Expanded,
 ) -> bool {
     if !valid_stage_name(name) {
         ctx.err("bad_name", name_loc, "invalid stage name", format!("stage name `{name}` may only contain letters, digits, `-` and `_`"), Some("in references `/` selects an expansion and `.` an output, so names cannot contain them".to_string()));
@@ -138,11 +143,11 @@ fn expand_stage(
     // reported even when the expansion fails.
     let foreach = t.get("foreach");
     let matrix = t.get("matrix");
-    let chain = super::chain::chain_param(name, t, foreach.is_some(), kind.as_deref(), ctx);
+    let expanded = foreach.is_some() || matrix.is_some();
+    let links = links(name, t, expanded, kind.as_deref(), ctx);
     let res = super::reserved::recipe_resources(t, ctx);
     let executor = super::reserved::executor(t, ctx);
     let after = super::reserved::after(t, ctx);
-    let expanded = foreach.is_some() || matrix.is_some();
     let Some(elements) = elements(name, foreach, matrix, vars_t, vars, ctx) else {
         return false;
     };
@@ -185,7 +190,17 @@ fn expand_stage(
         }
     }
 
-    for (i, el) in elements.iter().enumerate() {
+    for l in &links {
+        if let Some(target) = &l.target {
+            out.chained.push(TargetCheck {
+                stage: name.to_string(),
+                param: l.param.clone(),
+                target: target.clone(),
+                loc: l.loc,
+            });
+        }
+    }
+    for el in &elements {
         let mut p = Pending {
             name: el.name.clone(),
             name_loc,
@@ -211,22 +226,26 @@ fn expand_stage(
             ok: false,
         };
         if let Some(k) = &kind {
-            // For i > 0 of a chain, the chained parameter points at the previous element.
             let mut set: Vec<(&str, Node)> = el
                 .dims
                 .iter()
                 .filter(|(d, _)| specs.iter().any(|s| s.name == d))
                 .map(|(d, n)| (d.as_str(), n.clone()))
                 .collect();
-            if let Some((param, loc)) = chain.as_ref().filter(|_| i > 0) {
-                let prev = &elements[i - 1].name;
-                set.push((
-                    param.as_str(),
-                    Node {
-                        loc: *loc,
-                        v: V::Str(format!("@{prev}")),
-                    },
-                ));
+            // An element with a predecessor in the chain: each chained parameter references
+            // that predecessor's element of the linked stage (this one by default).
+            if let Some(prev) = el.prev.filter(|_| !links.is_empty()) {
+                let prev = suffix(&elements[prev].name);
+                for l in &links {
+                    let target = l.target.as_deref().unwrap_or(name);
+                    set.push((
+                        l.param.as_str(),
+                        Node {
+                            loc: l.loc,
+                            v: V::Str(format!("@{target}/{prev}")),
+                        },
+                    ));
+                }
             }
             p.ok = super::params::check_params(&mut p, t, &specs, &el.subs, &set, ctx);
             p.resources = if p.ok {
@@ -242,7 +261,7 @@ fn expand_stage(
             };
             res.apply(&mut p.resources);
         }
-        out.push(p);
+        out.pending.push(p);
     }
     true
 }

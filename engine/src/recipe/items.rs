@@ -5,7 +5,7 @@
 //! the cartesian product, named `<stage>/<dim>=<value>,...` in the table's key order, last
 //! dimension fastest. Items are scalars; their text (see `value::scalar_text`) is what names
 //! and `{item}`/`{<dim>}` substitution use, while their typed value is what a dimension named
-//! like a parameter sets.
+//! like a parameter sets. Each element knows the element before it in a `chain`.
 
 use super::Ctx;
 use super::error::did_you_mean;
@@ -103,6 +103,9 @@ pub(crate) struct Element {
     pub subs: Vec<(String, String)>,
     /// Matrix dimensions, with their item values (those named like a parameter set it).
     pub dims: Vec<(String, Node)>,
+    /// The element before this one in a `chain`: the previous `foreach` item, or the element
+    /// one step back along the last `matrix` dimension with the other dimensions equal.
+    pub prev: Option<usize>,
 }
 
 /// The elements of stage `name`: one plain element, the `foreach` items or the `matrix`
@@ -143,6 +146,7 @@ pub(crate) fn elements(
                         ("index".to_string(), i.to_string()),
                     ],
                     dims: Vec::new(),
+                    prev: i.checked_sub(1),
                 });
             }
         }
@@ -190,6 +194,7 @@ pub(crate) fn elements(
             name: name.to_string(),
             subs: Vec::new(),
             dims: Vec::new(),
+            prev: None,
         }),
     }
     Some(elements)
@@ -217,10 +222,14 @@ fn product(name: &str, lists: &[(String, Vec<Item>)]) -> Vec<Element> {
                 dims.push((dim.clone(), items[j].node.clone()));
             }
             subs.push(("index".to_string(), idx.to_string()));
+            // Row-major with the last dimension fastest: one step back along it is the
+            // previous element, unless this is the dimension's first item.
+            let prev = (combo.last().is_some_and(|&j| j > 0)).then(|| idx - 1);
             Element {
                 name: format!("{name}/{}", label.join(",")),
                 subs,
                 dims,
+                prev,
             }
         })
         .collect()

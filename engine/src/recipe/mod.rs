@@ -29,11 +29,24 @@
 //! [stages.sweep]
 //! kind = "train.lora"
 //! matrix = { method = "methods", lr = [1e-4, 2e-4] }   # sweep/method=lora,lr=0.0001 ...
+//!
+//! [stages.cl]               # a sweep x a chain: the chain runs along the last dimension
+//! kind = "train.lora"
+//! matrix = { lam = [0.0, 2500.0], task = "tasks" }     # cl/lam=2500,task=GQA ...
+//! chain = { base = "merged" }  # cl/lam=0,task=GQA gets base = "@merged/lam=0,task=ScienceQA"
+//!
+//! [stages.metrics]
+//! kind = "eval.cl-metrics"
+//! matrix = { lam = [0.0, 2500.0] }
+//! evals = "@eval/lam={lam},task=*"   # a glob gather: this `lam`'s evals, in order
 //! ```
 //! A matrix dimension named like a parameter of the kind sets it (typed); any dimension can
-//! be substituted as `{method}`. References: `@stage`, `@stage.output`, `@stage/item`,
-//! `@stage/item.output`, and the gather `@stage/*` (all expansions in order, optionally
-//! `@stage/*.output`). `--set` overrides are described in `overrides.rs`.
+//! be substituted as `{method}` (floats render short: `2500.0` is `2500`). `chain` links
+//! element `i` to element `i-1` of the same stage (`true`, `"param"`) or of other stages
+//! expanded the same way (a table param -> stage; see `chain.rs`). References: `@stage`,
+//! `@stage.output`, `@stage/item`, `@stage/item.output`, and the gather `@stage/<pattern>`
+//! whose `*` matches any run of characters (`@stage/*`: all expansions; in expansion order,
+//! optionally `.output`). `--set` overrides are described in `overrides.rs`.
 //!
 //! ## Phases
 //! 1. `load`: parse the file and everything it `extends`/`include`s into one spanned document
@@ -43,7 +56,7 @@
 //!    (`task/GQA`, `sweep/method=lora,lr=0.0001`), substitute `{item}`/`{index}`/`{<dim>}`,
 //!    wire `chain`, type-check every parameter against the kind's schema and fill defaults.
 //! 4. `resolve`: resolve references (`@stage`, `@stage/item`, `@stage.output`,
-//!    `@stage/item.output`, `@stage/*`) by name through hash maps (a 10,000-stage recipe
+//!    `@stage/item.output`, `@stage/<glob>`) by name through hash maps (a 10,000-stage recipe
 //!    loads in milliseconds), check output types, order stages topologically (declaration
 //!    order breaks ties, so the order is stable) and report cycles.
 //!
@@ -248,5 +261,6 @@ pub(crate) fn code(short: &str) -> &'static str {
         "duplicate_var",
         "cycle",
         "bad_set",
+        "chain_mismatch",
     )
 }

@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use super::Ctx;
 use super::error::{did_you_mean, one_of};
 use super::expand::{Pending, PendingRef, RESERVED, is_ref_type};
+use super::resolve::gather_parts;
 use super::template::subst;
 use super::value::{Node, Table, V};
 use crate::stage::{ArtifactType, ParamSpec, ParamType};
@@ -57,6 +58,7 @@ pub(crate) fn check_params(
             kind: &kind,
             refs: &mut p.refs,
             externals: &mut p.externals,
+            many: false,
         };
         match c.check(&e.val, &spec.ty, &mut Vec::new()) {
             Some(v) => {
@@ -74,6 +76,7 @@ pub(crate) fn check_params(
                 kind: &kind,
                 refs: &mut p.refs,
                 externals: &mut p.externals,
+                many: false,
             };
             match c.check(node, &spec.ty, &mut Vec::new()) {
                 Some(v) => {
@@ -165,6 +168,8 @@ struct Checker<'a> {
     kind: &'a str,
     refs: &'a mut Vec<PendingRef>,
     externals: &'a mut Vec<super::External>,
+    /// Checking a list parameter written as one string (a gather standing for the list).
+    many: bool,
 }
 
 impl Checker<'_> {
@@ -245,6 +250,7 @@ impl Checker<'_> {
                     target: target.to_string(),
                     loc: node.loc,
                     want: *want,
+                    many: self.many || !pointer.is_empty(),
                 });
                 Some(Value::String(s.into_owned()))
             }
@@ -257,6 +263,7 @@ impl Checker<'_> {
                         target: target.to_string(),
                         loc: node.loc,
                         want: ArtifactType::Files,
+                        many: self.many || !pointer.is_empty(),
                     });
                 } else {
                     self.externals.push(super::External {
@@ -268,9 +275,16 @@ impl Checker<'_> {
             }
             // `evals = "@eval/*"`: a gather written alone stands for the whole list.
             (ParamType::List(inner), V::Str(s))
-                if is_ref_type(inner) && subst(s, self.subs).contains("/*") =>
+                if is_ref_type(inner)
+                    && subst(s, self.subs)
+                        .strip_prefix('@')
+                        .and_then(gather_parts)
+                        .is_some() =>
             {
-                self.check(node, inner, pointer)
+                self.many = true;
+                let v = self.check(node, inner, pointer);
+                self.many = false;
+                v
             }
             (ParamType::List(inner), V::Array(items)) => {
                 let mut out = Vec::with_capacity(items.len());

@@ -19,6 +19,7 @@ use std::collections::{BinaryHeap, HashMap};
 use serde_json::Value;
 
 use super::error::{Label, closest, did_you_mean, one_of};
+use super::template::glob_match;
 use std::collections::HashSet;
 
 use super::expand::{Expanded, Pending, PendingRef};
@@ -42,6 +43,8 @@ pub(crate) fn resolve(expanded: Expanded, ctx: &mut Ctx) -> Vec<StageNode> {
     let Expanded {
         mut pending,
         broken,
+        quiet,
+        ..
     } = expanded;
     let mut names: HashMap<String, usize> = HashMap::with_capacity(pending.len());
     let mut bases: HashMap<String, Vec<usize>> = HashMap::new();
@@ -78,6 +81,7 @@ pub(crate) fn resolve(expanded: Expanded, ctx: &mut Ctx) -> Vec<StageNode> {
         names: &names,
         bases: &bases,
         broken: &broken,
+        quiet: &quiet,
         pending: &pending,
         outputs: &outputs,
     };
@@ -196,6 +200,8 @@ struct Resolver<'a> {
     bases: &'a HashMap<String, Vec<usize>>,
     /// Stages whose expansion failed (already reported): references to them stay silent.
     broken: &'a HashSet<String>,
+    /// Places of generated references whose problem is already reported (`chain` links).
+    quiet: &'a HashSet<Loc>,
     pending: &'a [Pending],
     outputs: &'a [Option<Vec<OutputSpec>>],
 }
@@ -204,7 +210,7 @@ impl Resolver<'_> {
     /// Resolve one reference to `(stage, output name, fully qualified text)` per target.
     fn resolve_ref(&self, rf: &PendingRef, ctx: &mut Ctx) -> Option<Vec<(usize, String, String)>> {
         let t = rf.target.as_str();
-        if let Some((base, output)) = gather_parts(t) {
+        if let Some((base, pattern)) = gather_parts(t) {
             let Some(members) = self.bases.get(base) else {
                 if self.names.contains_key(base) {
                     ctx.err("ambiguous_ref", rf.loc, "not an expanded stage", format!("`@{t}` gathers the expansions of `{base}`, but `{base}` has no `foreach` or `matrix`"), Some(format!("write `@{base}` to reference the single stage")));
@@ -213,8 +219,29 @@ impl Resolver<'_> {
                 }
                 return None;
             };
-            let mut out = Vec::with_capacity(members.len());
-            for &m in members {
+            if !rf.many {
+                ctx.err(
+                    "ambiguous_ref",
+                    rf.loc,
+                    "a gather",
+                    format!(
+                        "`@{t}` gathers several stages, but parameter `{}` takes one reference",
+                        rf.param
+                    ),
+                    Some(format!(
+                        "reference one expansion (`@{base}/<item>`), or gather into a list \
+                         parameter"
+                    )),
+                );
+                return None;
+            }
+            let (matched, output) = self.glob(base, members, pattern);
+            if matched.is_empty() {
+                self.no_match(rf.loc, base, members, t, ctx);
+                return None;
+            }
+            let mut out = Vec::with_capacity(matched.len());
+            for &m in &matched {
                 let resolved = self.output_of(m, output, rf, ctx)?;
                 let text = match output {
                     Some(o) => format!("@{}.{o}", self.pending[m].name),
@@ -324,7 +351,7 @@ impl Resolver<'_> {
 
     fn missing_stage(&self, loc: Loc, stem: &str, written: &str, ctx: &mut Ctx) {
         let base = stem.split_once('/').map_or(stem, |(b, _)| b);
-        if self.broken.contains(base) {
+        if self.broken.contains(base) || self.quiet.contains(&loc) {
             return;
         }
         if let Some((base, _)) = stem.split_once('/')
@@ -369,6 +396,60 @@ impl Resolver<'_> {
         );
     }
 
+    /// The expansions of `base` whose suffix matches `pattern`, in expansion order, and the
+    /// output named after the pattern. As for `@x.y`, the whole pattern is tried first
+    /// (suffixes may contain dots, `lr=0.0001`), then `<pattern>.<output>`.
+    fn glob<'t>(
+        &self,
+        base: &str,
+        members: &[usize],
+        pattern: &'t str,
+    ) -> (Vec<usize>, Option<&'t str>) {
+        if pattern == "*" {
+            return (members.to_vec(), None);
+        }
+        let matching = |p: &str| -> Vec<usize> {
+            members
+                .iter()
+                .copied()
+                .filter(|&m| glob_match(p, &self.pending[m].name[base.len() + 1..]))
+                .collect()
+        };
+        let whole = matching(pattern);
+        if !whole.is_empty() {
+            return (whole, None);
+        }
+        match pattern.rsplit_once('.') {
+            Some((head, output)) if !output.contains('*') => (matching(head), Some(output)),
+            _ => (Vec::new(), None),
+        }
+    }
+
+    /// A gather pattern that matches nothing: list what there is.
+    fn no_match(&self, loc: Loc, base: &str, members: &[usize], written: &str, ctx: &mut Ctx) {
+        const SHOWN: usize = 8;
+        let suffixes = members
+            .iter()
+            .map(|&m| &self.pending[m].name[base.len() + 1..]);
+        let shown: Vec<String> = suffixes.take(SHOWN).map(|s| format!("`{s}`")).collect();
+        let more = match members.len().saturating_sub(SHOWN) {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
+        let help = format!(
+            "`{base}` has {} expansions: {}{more}; `*` matches any run of characters",
+            members.len(),
+            shown.join(", ")
+        );
+        ctx.err(
+            "missing_stage",
+            loc,
+            "matches nothing",
+            format!("`@{written}` matches no expansion of `{base}`"),
+            Some(help),
+        );
+    }
+
     fn resolve_after(&self, name: &str, loc: Loc, ctx: &mut Ctx) -> Vec<usize> {
         if let Some(&i) = self.names.get(name) {
             return vec![i];
@@ -401,13 +482,11 @@ impl Resolver<'_> {
     }
 }
 
-/// `x/*` or `x/*.out` -> (`x`, output).
-fn gather_parts(t: &str) -> Option<(&str, Option<&str>)> {
-    if let Some(base) = t.strip_suffix("/*") {
-        return Some((base, None));
-    }
-    let (base, out) = t.split_once("/*.")?;
-    Some((base, Some(out)))
+/// A gather `x/<pattern>` (the pattern has a `*`, and may end in `.output`) ->
+/// (`x`, pattern).
+pub(crate) fn gather_parts(t: &str) -> Option<(&str, &str)> {
+    let (base, pattern) = t.split_once('/')?;
+    pattern.contains('*').then_some((base, pattern))
 }
 
 /// Replace each reference string by its fully qualified form; a gather becomes a list,

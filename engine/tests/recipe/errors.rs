@@ -121,6 +121,19 @@ fn bad_values() {
 }
 
 #[test]
+fn chain_mismatch() {
+    check(
+        "chain_mismatch",
+        &["chain_mismatch", "missing_stage", "bad_value"],
+    );
+}
+
+#[test]
+fn gather_no_match() {
+    check("gather_no_match", &["missing_stage", "ambiguous_ref"]);
+}
+
+#[test]
 fn many_errors_at_once() {
     check("many", &["mistyped_param", "unknown_kind", "missing_stage"]);
 }

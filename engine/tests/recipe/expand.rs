@@ -341,3 +341,165 @@ kind = "data.synth"
         "indices are remapped to the sorted order"
     );
 }
+
+#[test]
+fn chain_along_the_last_matrix_dimension() {
+    let text = r#"
+[vars]
+tasks = ["A", "B", "C"]
+[stages.coin]
+kind = "data.synth"
+[stages.base]
+kind = "train.pretrain"
+data = "@coin"
+[stages.task]
+kind = "train.lora"
+matrix = { lr = [1e-4, 2500.0], task = "tasks" }
+chain = true
+base = "@base"
+data = "@coin"
+"#;
+    let r = load_text(text, &[]).unwrap_or_else(|e| panic!("{}", super::render(&e)));
+    let prev = |n: &str| r.stages[idx(&r, n)].params["prev"].clone();
+    // The first task of each `lr` keeps the default; the others read the same `lr`'s
+    // previous task, never the other row's.
+    assert_eq!(prev("task/lr=0.0001,task=A"), json!(null));
+    assert_eq!(
+        prev("task/lr=0.0001,task=B"),
+        json!("@task/lr=0.0001,task=A")
+    );
+    assert_eq!(
+        prev("task/lr=0.0001,task=C"),
+        json!("@task/lr=0.0001,task=B")
+    );
+    assert_eq!(prev("task/lr=2500,task=A"), json!(null));
+    assert_eq!(prev("task/lr=2500,task=B"), json!("@task/lr=2500,task=A"));
+    assert_eq!(prev("task/lr=2500,task=C"), json!("@task/lr=2500,task=B"));
+    let c = &r.stages[idx(&r, "task/lr=2500,task=C")];
+    assert_eq!(
+        c.params["lr"],
+        json!(2500.0),
+        "the typed value, not its text"
+    );
+    assert!(c.inputs.contains(&Input {
+        param: "prev".into(),
+        stage: idx(&r, "task/lr=2500,task=B"),
+        output: "model".into(),
+        position: 0
+    }));
+    assert_topological(&r);
+}
+
+#[test]
+fn chain_to_another_stage_with_a_matrix() {
+    let r = load("ok/sefe_sweep.toml", &[]).unwrap_or_else(|e| panic!("{}", super::render(&e)));
+    assert_topological(&r);
+    // coin, base, 12 of each of task, merged, keys, eval, one metrics per method, all.
+    assert_eq!(r.stages.len(), 2 + 4 * 12 + 4 + 1);
+    assert_eq!(r.stages.iter().filter(|s| s.base == "task").count(), 12);
+
+    // Numeric dimensions: readable names, typed parameters.
+    let a = &r.stages[idx(&r, "task/x=20,lam=2500,task=A")];
+    assert_eq!(a.params["x"], json!(20));
+    assert_eq!(a.params["lam"], json!(2500.0));
+    assert_eq!(a.params["task"], json!("A"));
+    // Element 0 keeps what the recipe wrote (`base`) or the default (`key_elements`).
+    assert_eq!(a.params["base"], json!("@base"));
+    assert_eq!(a.params["key_elements"], json!(null));
+
+    // Element i > 0 reads merged i-1 and keys i-1 of the same method.
+    let c = &r.stages[idx(&r, "task/x=20,lam=2500,task=C")];
+    assert_eq!(c.params["base"], json!("@merged/x=20,lam=2500,task=B"));
+    assert_eq!(
+        c.params["key_elements"],
+        json!("@keys/x=20,lam=2500,task=B")
+    );
+    let from: Vec<(&str, &str, &str)> = c
+        .inputs
+        .iter()
+        .map(|i| {
+            (
+                i.param.as_str(),
+                r.stages[i.stage].name.as_str(),
+                i.output.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        from,
+        vec![
+            ("base", "merged/x=20,lam=2500,task=B", "model"),
+            ("data", "coin", "train"),
+            ("key_elements", "keys/x=20,lam=2500,task=B", "keys"),
+        ]
+    );
+    // `{dim}` in references: merged i reads task i, with `lam` rendered `0`, not `0.0`.
+    let m = &r.stages[idx(&r, "merged/x=0,lam=0,task=B")];
+    assert_eq!(m.params["model"], json!("@task/x=0,lam=0,task=B"));
+    assert_eq!(m.params["adapter"], json!("@task/x=0,lam=0,task=B.adapter"));
+    // No cycle: task B comes after merged A, which comes after task A.
+    let pos = |n: &str| idx(&r, n);
+    assert!(pos("task/x=0,lam=0,task=A") < pos("merged/x=0,lam=0,task=A"));
+    assert!(pos("merged/x=0,lam=0,task=A") < pos("keys/x=0,lam=0,task=A"));
+    assert!(pos("keys/x=0,lam=0,task=A") < pos("task/x=0,lam=0,task=B"));
+
+    // Glob gathers after `{dim}` substitution: one method's evals, in task order.
+    let m = &r.stages[idx(&r, "metrics/x=20,lam=0")];
+    assert_eq!(
+        m.params["evals"],
+        json!([
+            "@eval/x=20,lam=0,task=A",
+            "@eval/x=20,lam=0,task=B",
+            "@eval/x=20,lam=0,task=C"
+        ])
+    );
+    assert_eq!(
+        m.inputs
+            .iter()
+            .map(|i| (i.position, r.stages[i.stage].name.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            (0, "eval/x=20,lam=0,task=A"),
+            (1, "eval/x=20,lam=0,task=B"),
+            (2, "eval/x=20,lam=0,task=C")
+        ]
+    );
+    // `*` inside the pattern, a named output after it, two gathers spliced into one list.
+    let all = &r.stages[idx(&r, "all")];
+    assert_eq!(
+        all.params["evals"],
+        json!([
+            "@eval/x=0,lam=0,task=C.metrics",
+            "@eval/x=0,lam=2500,task=C.metrics",
+            "@eval/x=0,lam=0,task=A",
+            "@eval/x=0,lam=2500,task=A",
+            "@eval/x=20,lam=0,task=A",
+            "@eval/x=20,lam=2500,task=A"
+        ])
+    );
+    assert_eq!(
+        all.inputs.iter().map(|i| i.position).collect::<Vec<_>>(),
+        (0..6).collect::<Vec<_>>()
+    );
+    insta::assert_snapshot!("sefe_sweep", dump(&r));
+}
+
+#[test]
+fn chain_table_naming_the_stage_itself_is_a_plain_chain() {
+    let text = r#"
+[stages.coin]
+kind = "data.synth"
+[stages.base]
+kind = "train.pretrain"
+data = "@coin"
+[stages.task]
+kind = "train.lora"
+foreach = ["A", "B"]
+chain = { base = "task" }
+base = "@base"
+data = "@coin"
+"#;
+    let r = load_text(text, &[]).unwrap_or_else(|e| panic!("{}", super::render(&e)));
+    assert_eq!(r.stages[idx(&r, "task/A")].params["base"], json!("@base"));
+    assert_eq!(r.stages[idx(&r, "task/B")].params["base"], json!("@task/A"));
+}

@@ -137,6 +137,40 @@ pub(crate) fn registry() -> Registry {
         outputs: &[("report", Report)],
         cpus: 1,
     });
+    // The SEFE shape: train on the previous merged model and its key elements, merge,
+    // select the next task's key elements.
+    r.register(Kind {
+        name: "train.cl",
+        params: || {
+            vec![
+                p("base", ParamType::Ref(Model), None),
+                p("data", ParamType::Ref(Dataset), None),
+                p("key_elements", ParamType::Ref(Files), Some(Value::Null)),
+                p("x", ParamType::Int, Some(json!(20))),
+                p("lam", ParamType::Float, Some(json!(0.0))),
+                p("task", ParamType::Str, Some(json!(""))),
+            ]
+        },
+        outputs: &[("model", Model), ("adapter", Adapter)],
+        cpus: 1,
+    });
+    r.register(Kind {
+        name: "merge",
+        params: || {
+            vec![
+                p("model", ParamType::Ref(Model), None),
+                p("adapter", ParamType::Ref(Adapter), Some(Value::Null)),
+            ]
+        },
+        outputs: &[("model", Model)],
+        cpus: 1,
+    });
+    r.register(Kind {
+        name: "select.keys",
+        params: || vec![p("model", ParamType::Ref(Model), None)],
+        outputs: &[("keys", Files)],
+        cpus: 1,
+    });
     r.register(Kind {
         name: "shell",
         params: || {
