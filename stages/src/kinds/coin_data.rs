@@ -10,22 +10,29 @@
 //!
 //! `asd.rewrite` copies its input artifact (images included when they live inside it, so the
 //! output stands alone) and adds `annotations/<Task>/train_x{X}.json` per task, pointing
-//! `dataset.json` at it. `test.json` is copied unchanged (see [`crate::data::asd`]).
+//! `dataset.json` at it. `test.json` is copied unchanged (see [`crate::data::asd`]). With a
+//! `model`, that model writes the distractors and explanations
+//! ([`crate::data::asd::writer`]) and the output also holds `asd_model.json`: the sampling
+//! settings and, per task, how much the model wrote and how often the rules stood in.
 
 use std::path::{Path, PathBuf};
 
 use engine::stage::{
-    ArtifactType, OutputSpec, ParamSpec, ParamType, Registry, StageCtx, StageError, StageKind,
+    ArtifactType, OutputSpec, ParamSpec, ParamType, Registry, Resources, StageCtx, StageError,
+    StageKind,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::data::asd;
+use crate::data::asd::TaskPlan;
+use crate::data::asd::writer::{Writer, WriterOptions};
+use crate::data::asd::written::WrittenCounts;
 use crate::data::coin::{
     self, AsdInfo, DatasetInfo, TASKS, TaskEntry, check_images, native_style, read_test,
     read_train, write_json,
 };
 use crate::data::synth_coin::{self, SCENES_FILE, SceneInfo, SynthConfig};
+use crate::model::sampling::SamplingParams;
 
 /// Register the CoIN data kinds.
 pub fn register(registry: &mut Registry) {
@@ -316,6 +323,47 @@ pub struct AsdRewrite;
 #[derive(Deserialize)]
 struct AsdParams {
     x: i64,
+    model: String,
+    temperature: f64,
+    top_p: f64,
+    max_new_tokens: i64,
+    batch_size: i64,
+}
+
+/// The summary of a model-written rewrite, next to `dataset.json`.
+pub const ASD_MODEL_FILE: &str = "asd_model.json";
+
+/// `asd_model.json`: the sampling settings and what the model wrote, per task and in total.
+#[derive(Debug, Clone, serde::Serialize)]
+struct ModelSummary {
+    temperature: f64,
+    top_p: f64,
+    max_new_tokens: usize,
+    tasks: std::collections::BTreeMap<String, WrittenCounts>,
+    total: WrittenCounts,
+}
+
+/// The writer for the `model` parameter (`None` when it is unset: rules only).
+fn asd_writer(ctx: &StageCtx<'_>, p: &AsdParams) -> Result<Option<Writer>, StageError> {
+    if p.model.is_empty() {
+        return Ok(None);
+    }
+    let count = |name: &str, v: i64| {
+        usize::try_from(v).ok().filter(|&n| n > 0).ok_or_else(|| {
+            StageError::Input(format!("parameter `{name}` = {v} must be at least 1"))
+        })
+    };
+    let opts = WriterOptions {
+        sampling: SamplingParams {
+            temperature: p.temperature as f32,
+            top_k: 0,
+            top_p: p.top_p as f32,
+        },
+        max_new_tokens: count("max_new_tokens", p.max_new_tokens)?,
+        batch_size: count("batch_size", p.batch_size)?,
+    };
+    crate::model::configure_cpu_runtime();
+    Writer::load(ctx.input("model")?, opts).map(Some)
 }
 
 impl StageKind for AsdRewrite {
@@ -344,10 +392,50 @@ impl StageKind for AsdRewrite {
                 default: Some(json!(20)),
                 doc: "percentage of training records converted (0..=100; 0 = identity)",
             },
+            ParamSpec {
+                name: "model",
+                ty: ParamType::Ref(ArtifactType::Model),
+                default: Some(json!("")),
+                doc: "HF LLaVA model dir that writes distractors and explanations (unset: rules)",
+            },
+            ParamSpec {
+                name: "temperature",
+                ty: ParamType::Float,
+                default: Some(json!(0.7)),
+                doc: "sampling temperature of the model's text (0 = greedy)",
+            },
+            ParamSpec {
+                name: "top_p",
+                ty: ParamType::Float,
+                default: Some(json!(0.9)),
+                doc: "nucleus sampling of the model's text (1 = off)",
+            },
+            ParamSpec {
+                name: "max_new_tokens",
+                ty: ParamType::Int,
+                default: Some(json!(96)),
+                doc: "longest text the model writes per record, in tokens",
+            },
+            ParamSpec {
+                name: "batch_size",
+                ty: ParamType::Int,
+                default: Some(json!(8)),
+                doc: "records the model writes for together (speed only)",
+            },
         ]
     }
     fn outputs(&self, _params: &Value) -> Vec<OutputSpec> {
         dataset_output("the input dataset with train_x{x}.json as each task's training file")
+    }
+    fn resources(&self, params: &Value) -> Resources {
+        let with_model = params
+            .get("model")
+            .and_then(Value::as_str)
+            .is_some_and(|m| !m.is_empty());
+        Resources {
+            memory_mb: if with_model { 2048 } else { 512 },
+            ..Resources::default()
+        }
     }
     fn run(&self, ctx: &mut StageCtx<'_>) -> Result<(), StageError> {
         let p: AsdParams = ctx.params()?;
@@ -369,9 +457,12 @@ impl StageKind for AsdRewrite {
                 prev.x
             )));
         }
+        let writer = asd_writer(ctx, &p)?;
         let out = ctx.output("dataset");
         copy_tree(&input, &out)?;
         let name = format!("train_x{x}.json");
+        let image_root = info.image_root(&input);
+        let mut written = std::collections::BTreeMap::new();
         let n_tasks = info.tasks.len() as u64;
         for (i, entry) in info.tasks.iter_mut().enumerate() {
             if ctx.cancelled() {
@@ -382,8 +473,12 @@ impl StageKind for AsdRewrite {
             let records = read_train(&train_path)?;
             let scenes_path = train_path.with_file_name(SCENES_FILE);
             let scenes = read_scenes(&scenes_path)?;
-            let (rewritten, summary) =
-                asd::rewrite_task(&entry.name, &records, scenes.as_ref(), x, ctx.seed);
+            let plan = TaskPlan::new(&entry.name, &records, scenes.as_ref(), x, ctx.seed);
+            let replies = match &writer {
+                None => None,
+                Some(w) => Some(write_task(ctx, w, &plan, &train_path, &image_root)?),
+            };
+            let (rewritten, summary) = plan.finish(replies.as_ref());
             let rel = Path::new(&entry.train).with_file_name(&name);
             write_json(&out.join(&rel), &rewritten)?;
             entry.train = rel.to_string_lossy().into_owned();
@@ -399,10 +494,71 @@ impl StageKind for AsdRewrite {
                 styles.join("  ")
             );
             log_line(ctx, &line)?;
+            if let Some(w) = summary.written {
+                log_line(ctx, &format!("{:<10} model: {}", "", counts_line(&w)))?;
+                written.insert(entry.name.clone(), w);
+            }
+        }
+        if writer.is_some() {
+            let mut total = WrittenCounts::default();
+            for w in written.values() {
+                total.add(w);
+            }
+            log_line(ctx, &format!("model total: {}", counts_line(&total)))?;
+            let summary = ModelSummary {
+                temperature: p.temperature,
+                top_p: p.top_p,
+                max_new_tokens: usize::try_from(p.max_new_tokens).unwrap_or_default(),
+                tasks: written,
+                total,
+            };
+            write_json(&out.join(ASD_MODEL_FILE), &summary)?;
         }
         info.asd = Some(AsdInfo { x });
         info.save(&out)
     }
+}
+
+/// `requests 12, distractors 20 (fallback 3), explanations 5 (fallback 1)`.
+fn counts_line(w: &WrittenCounts) -> String {
+    format!(
+        "requests {}, distractors {} (fallback {}), explanations {} (fallback {})",
+        w.requests,
+        w.distractors_model,
+        w.distractors_fallback,
+        w.explanations_model,
+        w.explanations_fallback
+    )
+}
+
+/// The model's replies to one task's requests, by record index.
+fn write_task(
+    ctx: &StageCtx<'_>,
+    writer: &Writer,
+    plan: &TaskPlan<'_>,
+    train_path: &Path,
+    image_root: &Path,
+) -> Result<std::collections::BTreeMap<usize, String>, StageError> {
+    let requests = plan.requests();
+    let (progress, cancel) = (ctx.progress, ctx.cancel.clone());
+    let task = plan.task().to_string();
+    let total = requests.len() as u64;
+    let mut between = |done: usize| {
+        progress.progress(done as u64, total, &format!("{task}: model writing"));
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            Err(StageError::Cancelled)
+        } else {
+            Ok(())
+        }
+    };
+    let replies = writer.write(
+        &requests,
+        &|rel| image_root.join(rel),
+        train_path,
+        plan.text_seed(),
+        &mut between,
+    )?;
+    Ok(requests.iter().map(|r| r.record).zip(replies).collect())
 }
 
 fn read_scenes(

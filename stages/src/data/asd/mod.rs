@@ -37,7 +37,15 @@
 //! many"...). **Explanations** are the scene's ground-truth sentences for synthetic data, and
 //! fixed templates otherwise, padded with neutral sentences to the target length.
 //!
-//! SEFE also lets an MLLM write distractors and explanations; here they are rule-based only.
+//! ## Model-written text
+//!
+//! As in SEFE, a model can write the distractors and explanations instead ([`written`] for
+//! the prompts and guard rails, [`writer`] for the generation). The rewrite is then done in
+//! two steps: [`TaskPlan::new`] picks the records and styles exactly as the rules do and
+//! lists the [`TextRequest`]s (the record's image, question, answer and what it needs);
+//! [`TaskPlan::finish`] takes the replies and builds the records, falling back to the rules
+//! for every reply the guard rails reject. Without replies, `finish` is the rule-based
+//! rewrite, byte for byte ([`rewrite_task`]).
 //!
 //! Test sets are not rewritten: evaluation scores each task in its native style, and CoIN's
 //! test questions already end with their native instruction, so no RFP is added to them.
@@ -54,6 +62,11 @@ use crate::data::coin::{
 };
 use crate::data::synth_coin::SceneInfo;
 use crate::data::synth_coin::tasks::{MCQ_INSTRUCTION, SHORT_INSTRUCTION, VIZWIZ_INSTRUCTION};
+
+pub mod writer;
+pub mod written;
+
+use written::{Want, WrittenCounts, clean_explanation, merge_distractors, parse_distractors};
 
 /// The response-format prompt of each style (the last line of a converted question).
 #[must_use]
@@ -303,7 +316,43 @@ fn distractors<'a>(
     cands
 }
 
-/// Convert one record into `style`.
+/// What a style needs written: distractors (yes/no one, MCQ three) or an explanation (brief
+/// ~20 words, detailed ~50); nothing for short answers.
+#[must_use]
+pub fn want(style: AnswerStyle) -> Option<Want> {
+    match style {
+        AnswerStyle::YesNo => Some(Want::Distractors(1)),
+        AnswerStyle::Mcq => Some(Want::Distractors(3)),
+        AnswerStyle::Short => None,
+        AnswerStyle::Brief => Some(Want::Explanation(20)),
+        AnswerStyle::Detail => Some(Want::Explanation(50)),
+    }
+}
+
+/// The distractors of a converted record: the rule-based ones, replaced by the model's
+/// (through the guard rails) when it wrote some. The rule draw always happens, so the
+/// record's RNG stream is the same with or without a model up to this point.
+fn pick_distractors<'a>(
+    rng: &mut StdRng,
+    qa: &'a Qa,
+    pools: (&[&'a str], &[&'a str]),
+    k: usize,
+    model: Option<(&str, &mut WrittenCounts)>,
+) -> Vec<std::borrow::Cow<'a, str>> {
+    let rules = distractors(rng, qa, pools.0, pools.1, k);
+    match model {
+        None => rules.into_iter().map(Into::into).collect(),
+        Some((text, counts)) => {
+            merge_distractors(&parse_distractors(text), &rules, &qa.answer, k, counts)
+                .into_iter()
+                .map(Into::into)
+                .collect()
+        }
+    }
+}
+
+/// Convert one record into `style`; `model` is the model's reply for it (when one was asked
+/// for) and the counts its guard rails update.
 fn convert(
     rng: &mut StdRng,
     rec: &TrainRecord,
@@ -311,21 +360,25 @@ fn convert(
     style: AnswerStyle,
     pools: (&[&str], &[&str]),
     facts: &[String],
+    model: Option<(&str, &mut WrittenCounts)>,
 ) -> TrainRecord {
-    let (pool, task_pool) = pools;
     let (body, answer) = match style {
         AnswerStyle::YesNo => {
-            let d = distractors(rng, qa, pool, task_pool, 1);
+            let d = pick_distractors(rng, qa, pools, 1, model);
             let yes = d.is_empty() || rng.random_bool(0.5);
-            let cand = if yes { qa.answer.as_str() } else { d[0] };
+            let cand = if yes {
+                qa.answer.as_str()
+            } else {
+                d[0].as_ref()
+            };
             (
                 format!("{}\nIs the correct answer \"{cand}\"?", qa.base),
                 if yes { "Yes" } else { "No" }.to_string(),
             )
         }
         AnswerStyle::Mcq => {
-            let mut opts = distractors(rng, qa, pool, task_pool, 3);
-            opts.push(&qa.answer);
+            let mut opts = pick_distractors(rng, qa, pools, 3, model);
+            opts.push(qa.answer.as_str().into());
             opts.shuffle(rng);
             let letters = ["A", "B", "C", "D"];
             let lines: Vec<String> = opts
@@ -342,10 +395,19 @@ fn convert(
         AnswerStyle::Short => (qa.base.clone(), qa.answer.clone()),
         AnswerStyle::Brief | AnswerStyle::Detail => {
             let target = if style == AnswerStyle::Brief { 20 } else { 50 };
-            (
-                qa.base.clone(),
-                explained_answer(rng, facts, &qa.base, &qa.answer, target),
-            )
+            let written = model.and_then(|(text, counts)| {
+                let e = clean_explanation(text);
+                if e.is_empty() {
+                    counts.explanations_fallback += 1;
+                    None
+                } else {
+                    counts.explanations_model += 1;
+                    Some(format!("{}. {e}", qa.answer.trim_end_matches('.')))
+                }
+            });
+            let answer = written
+                .unwrap_or_else(|| explained_answer(rng, facts, &qa.base, &qa.answer, target));
+            (qa.base.clone(), answer)
         }
     };
     let had_image = rec.conversations[0].value.starts_with(IMAGE_TOKEN);
@@ -362,16 +424,211 @@ fn convert(
     out
 }
 
-/// What [`rewrite_task`] did.
+/// What [`rewrite_task`] / [`TaskPlan::finish`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AsdSummary {
     /// Records converted into each style.
     pub converted: BTreeMap<AnswerStyle, usize>,
     /// Records left in the native style.
     pub native: usize,
+    /// How much a model wrote (`None`: rule-based only).
+    pub written: Option<WrittenCounts>,
 }
 
-/// Rewrite the training records of `task` with ASD at `x` percent.
+/// One converted record's request to the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextRequest {
+    /// Index of the record in the task's training file.
+    pub record: usize,
+    /// The record's id (for messages).
+    pub id: String,
+    /// The style it is converted into.
+    pub style: AnswerStyle,
+    /// What the style needs.
+    pub want: Want,
+    /// The record's image, relative to the dataset's image root.
+    pub image: Option<String>,
+    /// The question, without image marker, instruction lines or (ScienceQA) options.
+    pub question: String,
+    /// The correct answer as text.
+    pub answer: String,
+}
+
+/// One task's rewrite, decided but not yet written: which records become which style, with
+/// each record's own RNG (so records can be finished with or without model text and the
+/// others do not change).
+pub struct TaskPlan<'a> {
+    task: String,
+    /// The stage seed salted with the task.
+    seed: u64,
+    records: &'a [TrainRecord],
+    scenes: Option<&'a BTreeMap<String, SceneInfo>>,
+    styles: Vec<AnswerStyle>,
+    counts: [usize; 4],
+    /// Per record: its style and the seed of its RNG, `None` when it stays native.
+    assign: Vec<Option<(AnswerStyle, u64)>>,
+    qas: Vec<Qa>,
+}
+
+impl<'a> TaskPlan<'a> {
+    /// Plan the rewrite of the training records of `task` with ASD at `x` percent.
+    ///
+    /// `scenes` is the synthetic generator's ground truth by record id (facts for
+    /// explanations, question types for distractors); `None` for real data.
+    #[must_use]
+    pub fn new(
+        task: &str,
+        records: &'a [TrainRecord],
+        scenes: Option<&'a BTreeMap<String, SceneInfo>>,
+        x: u32,
+        seed: u64,
+    ) -> Self {
+        let native = native_style(task);
+        let styles = non_native(native);
+        let counts = style_counts(records.len(), x);
+        let mut order: Vec<usize> = (0..records.len()).collect();
+        // One stream per task, so adding a task does not change the others' rewrite.
+        let seed = seed ^ task_salt(task);
+        let mut rng = StdRng::seed_from_u64(seed);
+        order.shuffle(&mut rng);
+        let mut style_of: Vec<Option<AnswerStyle>> = vec![None; records.len()];
+        let mut at = 0;
+        for (style, &c) in styles.iter().zip(&counts) {
+            for &i in &order[at..at + c] {
+                style_of[i] = Some(*style);
+            }
+            at += c;
+        }
+        // Record seeds are drawn in record order, after the shuffle.
+        let assign = style_of
+            .into_iter()
+            .map(|s| s.map(|s| (s, rng.random())))
+            .collect();
+        let qas = records
+            .iter()
+            .map(|r| parse_qa(r, native, scenes))
+            .collect();
+        Self {
+            task: task.to_string(),
+            seed,
+            records,
+            scenes,
+            styles,
+            counts,
+            assign,
+            qas,
+        }
+    }
+
+    /// The task's name.
+    #[must_use]
+    pub fn task(&self) -> &str {
+        &self.task
+    }
+
+    /// The seed for the model's sampling: the stage seed salted with the task, so tasks
+    /// draw different streams.
+    #[must_use]
+    pub fn text_seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// What a model would be asked for: one request per converted record whose style needs
+    /// distractors or an explanation, in record order.
+    #[must_use]
+    pub fn requests(&self) -> Vec<TextRequest> {
+        self.assign
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| {
+                let (style, _) = (*a)?;
+                let want = want(style)?;
+                let (rec, qa) = (&self.records[i], &self.qas[i]);
+                Some(TextRequest {
+                    record: i,
+                    id: rec.id.to_string(),
+                    style,
+                    want,
+                    image: rec.image.clone(),
+                    question: qa.base.clone(),
+                    answer: qa.answer.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Build the rewritten records. `replies` holds the model's raw reply per record index
+    /// (from [`Self::requests`]); `None` rewrites with the rules alone.
+    #[must_use]
+    pub fn finish(
+        &self,
+        replies: Option<&BTreeMap<usize, String>>,
+    ) -> (Vec<TrainRecord>, AsdSummary) {
+        let pools = pools(&self.qas);
+        let task_pool: Vec<&str> = self
+            .qas
+            .iter()
+            .map(|q| q.answer.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut written = replies.map(|_| WrittenCounts::default());
+        let mut out = Vec::with_capacity(self.records.len());
+        for (i, rec) in self.records.iter().enumerate() {
+            let Some((style, rec_seed)) = self.assign[i] else {
+                out.push(rec.clone());
+                continue;
+            };
+            let qa = &self.qas[i];
+            let pool = pools.get(qa.qtype.as_str()).map_or(&[][..], Vec::as_slice);
+            let facts = self
+                .scenes
+                .and_then(|s| s.get(&rec.id.to_string()))
+                .map_or(&[][..], |s| s.facts.as_slice());
+            let model = match (replies, written.as_mut(), want(style)) {
+                (Some(r), Some(w), Some(_)) => {
+                    w.requests += 1;
+                    Some((r.get(&i).map_or("", String::as_str), w))
+                }
+                _ => None,
+            };
+            let mut rec_rng = StdRng::seed_from_u64(rec_seed);
+            out.push(convert(
+                &mut rec_rng,
+                rec,
+                qa,
+                style,
+                (pool, &task_pool),
+                facts,
+                model,
+            ));
+        }
+        let converted = self
+            .styles
+            .iter()
+            .zip(self.counts)
+            .map(|(s, c)| (*s, c))
+            .collect();
+        (
+            out,
+            AsdSummary {
+                converted,
+                native: self.records.len() - self.counts.iter().sum::<usize>(),
+                written,
+            },
+        )
+    }
+}
+
+/// FNV-1a of the task name: salts the task's RNG stream.
+fn task_salt(task: &str) -> u64 {
+    task.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Rewrite the training records of `task` with ASD at `x` percent, with rule-based
+/// distractors and explanations ([`TaskPlan`] without model replies).
 ///
 /// `scenes` is the synthetic generator's ground truth by record id (facts for explanations,
 /// question types for distractors); `None` for real data.
@@ -383,64 +640,7 @@ pub fn rewrite_task(
     x: u32,
     seed: u64,
 ) -> (Vec<TrainRecord>, AsdSummary) {
-    let native = native_style(task);
-    let styles = non_native(native);
-    let counts = style_counts(records.len(), x);
-    let mut order: Vec<usize> = (0..records.len()).collect();
-    // One stream per task, so adding a task does not change the others' rewrite.
-    let task_salt = task.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    let mut rng = StdRng::seed_from_u64(seed ^ task_salt);
-    order.shuffle(&mut rng);
-    let mut assign: Vec<Option<AnswerStyle>> = vec![None; records.len()];
-    let mut at = 0;
-    for (style, &c) in styles.iter().zip(&counts) {
-        for &i in &order[at..at + c] {
-            assign[i] = Some(*style);
-        }
-        at += c;
-    }
-    let qas: Vec<Qa> = records
-        .iter()
-        .map(|r| parse_qa(r, native, scenes))
-        .collect();
-    let pools = pools(&qas);
-    let task_pool: Vec<&str> = qas
-        .iter()
-        .map(|q| q.answer.as_str())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let mut out = Vec::with_capacity(records.len());
-    for (i, rec) in records.iter().enumerate() {
-        let Some(style) = assign[i] else {
-            out.push(rec.clone());
-            continue;
-        };
-        let qa = &qas[i];
-        let pool = pools.get(qa.qtype.as_str()).map_or(&[][..], Vec::as_slice);
-        let facts = scenes
-            .and_then(|s| s.get(&rec.id.to_string()))
-            .map_or(&[][..], |s| s.facts.as_slice());
-        let mut rec_rng = StdRng::seed_from_u64(rng.random());
-        out.push(convert(
-            &mut rec_rng,
-            rec,
-            qa,
-            style,
-            (pool, &task_pool),
-            facts,
-        ));
-    }
-    let converted = styles.iter().zip(counts).map(|(s, c)| (*s, c)).collect();
-    (
-        out,
-        AsdSummary {
-            converted,
-            native: records.len() - counts.iter().sum::<usize>(),
-        },
-    )
+    TaskPlan::new(task, records, scenes, x, seed).finish(None)
 }
 
 /// The style a rewritten record was converted into (`None`: native).
@@ -475,6 +675,90 @@ mod tests {
         assert_eq!(qa.answer, "square");
         assert_eq!(qa.options, ["circle", "square"]);
         assert_eq!(qa.qtype, "which shape?");
+    }
+
+    fn record(id: usize, question: &str, answer: &str) -> TrainRecord {
+        serde_json::from_value(serde_json::json!({
+            "id": format!("r{id}"), "image": format!("{id}.png"),
+            "conversations": [
+                {"from": "human", "value": format!("<image>\n{question}\n{SHORT_INSTRUCTION}")},
+                {"from": "gpt", "value": answer}]}))
+        .unwrap()
+    }
+
+    fn records() -> Vec<TrainRecord> {
+        let colors = ["red", "blue", "green", "yellow", "purple", "orange"];
+        (0..24)
+            .map(|i| record(i, "What color is the shape?", colors[i % colors.len()]))
+            .collect()
+    }
+
+    #[test]
+    fn empty_replies_fall_back_to_exactly_the_rule_based_records() {
+        let recs = records();
+        let plan = TaskPlan::new("GQA", &recs, None, 100, 5);
+        let requests = plan.requests();
+        // GQA's native style is short: its four other styles all need text.
+        assert_eq!(requests.len(), 24);
+        let empty: BTreeMap<usize, String> =
+            requests.iter().map(|r| (r.record, String::new())).collect();
+        let (rules, s0) = plan.finish(None);
+        let (fallen, s1) = plan.finish(Some(&empty));
+        assert_eq!(rules, fallen);
+        assert_eq!(s0.written, None);
+        let w = s1.written.unwrap();
+        assert_eq!(w.requests, 24);
+        assert_eq!((w.distractors_model, w.explanations_model), (0, 0));
+        // 6 yes/no (one slot), 6 MCQ (three slots), 6 + 6 explanations.
+        assert_eq!((w.distractors_fallback, w.explanations_fallback), (24, 12));
+    }
+
+    #[test]
+    fn replies_land_in_their_records() {
+        let recs = records();
+        let plan = TaskPlan::new("GQA", &recs, None, 100, 5);
+        let requests = plan.requests();
+        let replies: BTreeMap<usize, String> = requests
+            .iter()
+            .map(|r| {
+                let text = match r.want {
+                    Want::Distractors(_) => format!("{}\nteal\nmagenta\nteal", r.answer),
+                    Want::Explanation(n) => format!("  The shape is {}\n({n}). ", r.answer),
+                };
+                (r.record, text)
+            })
+            .collect();
+        let (out, s) = plan.finish(Some(&replies));
+        let w = s.written.unwrap();
+        // The answer (first line) and the repeated "teal" are rejected: yes/no falls back in
+        // its one slot, MCQ keeps "teal" and "magenta" and falls back in its first slot.
+        assert_eq!(w.explanations_model, 12);
+        assert_eq!(w.distractors_model, 6 * 2);
+        assert_eq!(w.distractors_fallback, 6 + 6);
+        for r in &requests {
+            let rec = &out[r.record];
+            let (q, a) = (&rec.conversations[0].value, &rec.conversations[1].value);
+            match r.style {
+                AnswerStyle::Mcq => {
+                    assert!(q.contains(". teal\n") && q.contains(". magenta\n"), "{q}");
+                    assert_eq!(q.matches("teal").count(), 1, "{q}");
+                }
+                AnswerStyle::YesNo => {
+                    assert!(!q.contains("teal") && (a == "Yes" || a == "No"), "{q} {a}");
+                }
+                _ => {
+                    let n = if r.style == AnswerStyle::Brief {
+                        20
+                    } else {
+                        50
+                    };
+                    assert_eq!(
+                        *a,
+                        format!("{}. The shape is {} ({n}).", r.answer, r.answer)
+                    );
+                }
+            }
+        }
     }
 
     #[test]
