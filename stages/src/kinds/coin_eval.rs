@@ -321,9 +321,9 @@ impl StageKind for EvalCoin {
         vec![
             spec(
                 "model",
-                ParamType::Ref(ArtifactType::Model),
+                ParamType::RefOrPath,
                 None,
-                "HF model dir with tokenizer.json and preprocessor_config.json",
+                "a model stage (`@task/...`) or a Hugging Face LLaVA directory (config.json, weights, tokenizer.json, preprocessor_config.json)",
             ),
             spec(
                 "data",
@@ -386,7 +386,7 @@ impl StageKind for EvalCoin {
     fn run(&self, ctx: &mut StageCtx<'_>) -> Result<(), StageError> {
         crate::model::configure_cpu_runtime();
         let p: Params = ctx.params()?;
-        let (model_dir, data) = (PathBuf::from(&p.model), PathBuf::from(&p.data));
+        let (model_dir, data) = (ctx.recipe_dir.join(&p.model), PathBuf::from(&p.data));
         let max_new_tokens = at_least_one("max_new_tokens", p.max_new_tokens)?;
         let batch_size = at_least_one("batch_size", p.batch_size)?;
         let shard_size = at_least_one("shard_size", p.shard_size)?;

@@ -462,9 +462,9 @@ impl StageKind for LoraTrain {
         let mut v = vec![
             spec(
                 "base",
-                ParamType::Ref(ArtifactType::Model),
+                ParamType::RefOrPath,
                 None,
-                "model to start from (the previous task's merged model)",
+                "model to start from: a model stage (the previous task's merged model) or a Hugging Face LLaVA directory",
             ),
             spec(
                 "data",
@@ -476,7 +476,7 @@ impl StageKind for LoraTrain {
                 "task",
                 ParamType::Str,
                 None,
-                "task whose training file to use",
+                "task whose training file to use; `*` = every task's, mixed (joint training)",
             ),
             spec("rank", ParamType::Int, Some(json!(8)), "LoRA rank r"),
             spec(
@@ -552,18 +552,25 @@ impl StageKind for LoraTrain {
         let p: LoraParams = ctx.params()?;
         let reg = reglora_params(p.reglora, p.reglora_top)?;
         let (base, data) = (
-            Path::new(&p.base).to_path_buf(),
+            ctx.recipe_dir.join(&p.base),
             Path::new(&p.data).to_path_buf(),
         );
         let info = DatasetInfo::load(&data)?;
-        let file = info.task(&p.task).map(|t| t.train.clone()).ok_or_else(|| {
-            let names: Vec<&str> = info.tasks.iter().map(|t| t.name.as_str()).collect();
-            StageError::Input(format!(
-                "parameter `task`: `{}` is not a task of {} (have {names:?})",
-                p.task,
-                data.display()
-            ))
-        })?;
+        // `*` trains on the union of every task (the joint-training upper bound of
+        // continual learning); the trainer shuffles across files.
+        let files: Vec<String> = if p.task == "*" {
+            info.tasks.iter().map(|t| t.train.clone()).collect()
+        } else {
+            let file = info.task(&p.task).map(|t| t.train.clone()).ok_or_else(|| {
+                let names: Vec<&str> = info.tasks.iter().map(|t| t.name.as_str()).collect();
+                StageError::Input(format!(
+                    "parameter `task`: `{}` is not a task of {} (have {names:?}, or `*` for all)",
+                    p.task,
+                    data.display()
+                ))
+            })?;
+            vec![file]
+        };
         let tok = LlavaTokenizer::load(&base).map_err(other)?;
         let proc =
             ImageProcessorConfig::load(&base.join("preprocessor_config.json")).map_err(other)?;
@@ -600,15 +607,17 @@ impl StageKind for LoraTrain {
             examples: Vec::new(),
             images: Vec::new(),
         };
-        load_records(
-            &data,
-            &info,
-            &file,
-            &tok,
-            &template(&model),
-            mcfg.text.max_position_embeddings,
-            &mut set,
-        )?;
+        for file in &files {
+            load_records(
+                &data,
+                &info,
+                file,
+                &tok,
+                &template(&model),
+                mcfg.text.max_position_embeddings,
+                &mut set,
+            )?;
+        }
         let mode = TrainMode {
             lora: true,
             projector: p.projector_lr > 0.0,
