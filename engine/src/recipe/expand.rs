@@ -109,6 +109,8 @@ pub(crate) fn expand(doc: &Doc, registry: &Registry, ctx: &mut Ctx) -> Expanded 
         }
     }
     check_targets(doc, &mut out, ctx);
+    let names: Vec<&str> = out.pending.iter().map(|p| p.name.as_str()).collect();
+    super::overrides::check_element_sets(ctx, &names);
     out
 }
 
@@ -232,11 +234,37 @@ fn expand_stage(
                 .filter(|(d, _)| specs.iter().any(|s| s.name == d))
                 .map(|(d, n)| (d.as_str(), n.clone()))
                 .collect();
+            // `--set <stage>/<expansion>.<param>=v` for this very element.
+            let own = super::overrides::element_sets(ctx, &el.name);
+            for (key, node) in &own {
+                if specs.iter().any(|s| s.name == key) {
+                    set.retain(|(c, _)| c != key);
+                    set.push((key.as_str(), node.clone()));
+                } else {
+                    let help = super::error::did_you_mean(key, specs.iter().map(|s| s.name))
+                        .unwrap_or_else(|| {
+                            format!(
+                                "`{kind_name}` takes {}",
+                                super::error::one_of(specs.iter().map(|s| s.name))
+                            )
+                        });
+                    ctx.err(
+                        "unknown_param",
+                        node.loc,
+                        "unknown parameter",
+                        format!("`--set`: kind `{kind_name}` has no parameter `{key}`"),
+                        Some(help),
+                    );
+                }
+            }
             // An element with a predecessor in the chain: each chained parameter references
             // that predecessor's element of the linked stage (this one by default).
             if let Some(prev) = el.prev.filter(|_| !links.is_empty()) {
                 let prev = suffix(&elements[prev].name);
-                for l in &links {
+                for l in links
+                    .iter()
+                    .filter(|l| !own.iter().any(|(k, _)| *k == l.param))
+                {
                     let target = l.target.as_deref().unwrap_or(name);
                     set.push((
                         l.param.as_str(),

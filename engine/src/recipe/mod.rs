@@ -214,6 +214,9 @@ pub(crate) struct Ctx {
     files: Vec<PathBuf>,
     /// Parameter schemas by kind, built once per kind.
     specs: std::collections::HashMap<&'static str, std::sync::Arc<Vec<crate::stage::ParamSpec>>>,
+    /// `--set <stage>/<expansion>.<param>=v`: overrides of one expansion, applied when that
+    /// element is built ([`overrides::ElementSet`]).
+    element_sets: Vec<overrides::ElementSet>,
 }
 
 impl Ctx {

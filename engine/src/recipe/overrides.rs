@@ -7,7 +7,12 @@
 //! Paths:
 //! - `experiment.name`, `experiment.seed`;
 //! - `vars.<name>` (the var must exist: a typo would otherwise silently do nothing);
-//! - `stages.<stage>.<key>[.<subkey>...]`, or the shorthand `<stage>.<key>...`.
+//! - `stages.<stage>.<key>[.<subkey>...]`, or the shorthand `<stage>.<key>...`;
+//! - `<stage>/<expansion>.<param>` (optionally after `stages.`): one element of a `foreach` or
+//!   `matrix`, e.g. `task/x=0,reglora=0,task=GQA.lr=1e-3`. Only that element's key changes, so
+//!   only it and what depends on it rerun. Expansion names contain `=` and `.` themselves, so
+//!   the parameter is the first `.<identifier>=` after the `/`. Applied when the element is
+//!   built; an expansion that does not exist is an error listing the ones that do.
 //!
 //! The value is parsed as a TOML value (`40`, `1e-4`, `["A", "B"]`, `{ train = 10 }`); text
 //! that is not valid TOML is taken as a string, so `--set base.model=llava-tiny` works
@@ -47,8 +52,84 @@ pub(crate) fn apply(doc: &mut Doc, overrides: &[String], ctx: &mut Ctx) {
     }
 }
 
+/// A pending override of one expansion's parameter.
+pub(crate) struct ElementSet {
+    /// The full element name, `<stage>/<expansion>`.
+    pub element: String,
+    /// Where the element name is on the command line.
+    pub element_loc: Loc,
+    /// The parameter.
+    pub key: String,
+    /// The value.
+    pub val: Node,
+    /// Whether an element of that name was built.
+    pub used: bool,
+}
+
+/// `<stage>/<expansion>.<param>=<value>` split into its parts: (element, param, value start),
+/// as byte offsets into `o`. `None` when `o` is not of that form.
+fn split_element(o: &str) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>, usize)> {
+    let off = if o.starts_with("stages.") { 7 } else { 0 };
+    let rest = &o[off..];
+    let slash = rest.find('/')?;
+    // A `/` after a `.` or `=` belongs to the value (`--set a.b=x/y`).
+    if rest[..slash].contains('.') || rest[..slash].contains('=') {
+        return None;
+    }
+    let bytes = rest.as_bytes();
+    let mut i = slash + 1;
+    while i < bytes.len() {
+        if bytes[i] == b'.' {
+            let k0 = i + 1;
+            let mut k = k0;
+            while k < bytes.len() && (bytes[k].is_ascii_alphanumeric() || bytes[k] == b'_') {
+                k += 1;
+            }
+            let ident = k > k0 && !bytes[k0].is_ascii_digit();
+            if ident && k < bytes.len() && bytes[k] == b'=' {
+                return Some((off..off + i, off + k0..off + k, off + k + 1));
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
 fn apply_one(doc: &mut Doc, o: &str, start: usize, src: u32, ctx: &mut Ctx) {
     let whole = Loc::new(src, start..start + o.len());
+    if let Some((el, key, value_at)) = split_element(o) {
+        let value_text = &o[value_at..];
+        let value_start = start + value_at;
+        let val = match DeValue::parse(value_text) {
+            Ok(v) => from_de_value(src, value_start, &v),
+            Err(_) => Node {
+                loc: Loc::new(src, value_start..value_start + value_text.len()),
+                v: V::Str(value_text.to_string()),
+            },
+        };
+        let element = o[el.clone()].to_string();
+        let stage = element.split('/').next().unwrap_or_default();
+        if doc.stages.get(stage).is_none() {
+            let help = closest(stage, doc.stages.keys())
+                .map(|c| format!("did you mean `{c}`?"))
+                .unwrap_or_else(|| "name a stage of the recipe".to_string());
+            return ctx.err(
+                "bad_set",
+                Loc::new(src, start + el.start..start + el.start + stage.len()),
+                "unknown stage",
+                format!("`--set {o}`: the recipe has no stage `{stage}`"),
+                Some(help),
+            );
+        }
+        ctx.element_sets.push(ElementSet {
+            element,
+            element_loc: Loc::new(src, start + el.start..start + el.end),
+            key: o[key].to_string(),
+            val,
+            used: false,
+        });
+        return;
+    }
     let Some(eq) = o.find('=') else {
         ctx.err(
             "bad_set",
@@ -226,4 +307,80 @@ fn bad_path(ctx: &mut Ctx, loc: Loc, o: &str, help: &str) {
         format!("`--set {o}` does not name a recipe value"),
         Some(help.to_string()),
     );
+}
+
+/// The overrides of element `name` as (parameter, value) pairs; marks them used.
+pub(crate) fn element_sets(ctx: &mut Ctx, name: &str) -> Vec<(String, Node)> {
+    ctx.element_sets
+        .iter_mut()
+        .filter(|e| e.element == name)
+        .map(|e| {
+            e.used = true;
+            (e.key.clone(), e.val.clone())
+        })
+        .collect()
+}
+
+/// Reports every element override whose element was never built, listing the expansions
+/// of its stage.
+pub(crate) fn check_element_sets(ctx: &mut Ctx, names: &[&str]) {
+    let unused: Vec<(String, Loc)> = ctx
+        .element_sets
+        .iter()
+        .filter(|e| !e.used)
+        .map(|e| (e.element.clone(), e.element_loc))
+        .collect();
+    for (element, loc) in unused {
+        let stage = element.split('/').next().unwrap_or_default();
+        let prefix = format!("{stage}/");
+        let have: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        let help = match closest(&element, have.iter().copied()) {
+            Some(c) => format!("did you mean `{c}`?"),
+            None if have.is_empty() => format!(
+                "stage `{stage}` has no `foreach` or `matrix`; write `--set {stage}.<param>=...`"
+            ),
+            None => format!("its expansions: {}", have.join(", ")),
+        };
+        ctx.err(
+            "bad_set",
+            loc,
+            "no such expansion",
+            format!("`--set`: the recipe has no stage expansion `{element}`"),
+            Some(help),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_element;
+
+    fn parts(o: &str) -> Option<(&str, &str, &str)> {
+        split_element(o).map(|(e, k, v)| (&o[e], &o[k], &o[v..]))
+    }
+
+    #[test]
+    fn element_overrides_split_at_the_first_parameter_after_the_slash() {
+        assert_eq!(
+            parts("task/x=0,reglora=0,task=GQA.lr=1e-3"),
+            Some(("task/x=0,reglora=0,task=GQA", "lr", "1e-3"))
+        );
+        // Dots inside the expansion name (a float dimension) are not the parameter.
+        assert_eq!(
+            parts("stages.t/lr=0.0001,n=2.steps=5"),
+            Some(("t/lr=0.0001,n=2", "steps", "5"))
+        );
+        assert_eq!(
+            parts("s/a.params={ n = 2 }"),
+            Some(("s/a", "params", "{ n = 2 }"))
+        );
+        // Not element overrides: plain paths, and a slash inside the value.
+        assert_eq!(parts("asd.x=40"), None);
+        assert_eq!(parts("prep.cmd=cat a/b"), None);
+        assert_eq!(parts("s/a=1"), None);
+    }
 }
