@@ -43,6 +43,42 @@ pub struct Manifest {
     pub host: String,
 }
 
+/// A [`Manifest`] read without its `inputs` record (skipped by the parser, never built):
+/// what [`crate::Cache::probe_outputs`] parses.
+#[derive(serde::Deserialize)]
+pub(crate) struct ManifestSansInputs {
+    format: u32,
+    key: Key,
+    kind: String,
+    stage: String,
+    experiment: String,
+    #[serde(default, rename = "inputs")]
+    _inputs: serde::de::IgnoredAny,
+    outputs: BTreeMap<String, Tree>,
+    started_ms: u64,
+    finished_ms: u64,
+    duration_ms: u64,
+    host: String,
+}
+
+impl From<ManifestSansInputs> for Manifest {
+    fn from(m: ManifestSansInputs) -> Self {
+        Manifest {
+            format: m.format,
+            key: m.key,
+            kind: m.kind,
+            stage: m.stage,
+            experiment: m.experiment,
+            inputs: serde_json::Value::Null,
+            outputs: m.outputs,
+            started_ms: m.started_ms,
+            finished_ms: m.finished_ms,
+            duration_ms: m.duration_ms,
+            host: m.host,
+        }
+    }
+}
+
 /// What the engine tells [`crate::Cache::commit`] about a finished stage.
 #[derive(Debug, Clone)]
 pub struct CommitMeta {

@@ -195,7 +195,7 @@ fn plan_with_manifests(
             let miss = if forced {
                 None
             } else {
-                match cache.probe(&k) {
+                match cache.probe_outputs(&k) {
                     Ok(Lookup::Hit(entry)) => {
                         row.status = Status::Hit;
                         row.time_saved_ms = Some(entry.manifest.duration_ms);

@@ -392,7 +392,7 @@ impl Scheduler<'_> {
         let miss = if forced {
             None
         } else {
-            match self.cache.probe(&key) {
+            match self.cache.probe_outputs(&key) {
                 Ok(Lookup::Hit(entry)) => {
                     let entry = Arc::new(*entry);
                     match stage_run::finish(env, node, kind.as_ref(), &entry) {
