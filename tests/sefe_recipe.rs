@@ -1,11 +1,13 @@
 //! The shipped `experiments/sefe_coin.toml` through the binary, shrunk with `--set` to two
-//! tasks and a few steps: every stage runs, the RegLoRA chain carries key elements from task to
-//! task, the merged models and the metrics land under `runs/`, and a second run is fully
-//! cached.
+//! tasks and a few steps: the four methods (a matrix over ASD's `x` and RegLoRA's λ) share the
+//! common stages, RegLoRA carries key elements from task to task only where it is on, every
+//! method gets its metrics, the report lands under `runs/`, a second run is fully cached, and
+//! a run killed with SIGKILL during training resumes to the same report bytes.
 #![cfg(feature = "ml")]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn recipe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/sefe_coin.toml")
@@ -21,22 +23,62 @@ const SHRINK: &[&str] = &[
     "--set",
     "base.steps=2",
     "--set",
-    "task.steps=3",
+    "task.steps=4",
+    "--set",
+    "task.checkpoint_every=1",
 ];
 
-fn pipeline(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .current_dir(dir)
+const METHODS: [&str; 4] = [
+    "x=0,reglora=0",
+    "x=0,reglora=2500",
+    "x=20,reglora=0",
+    "x=20,reglora=2500",
+];
+
+fn command(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pipeline"));
+    c.current_dir(dir)
         .env_remove("PIPELINE_CACHE_DIR")
         .env_remove("PIPELINE_RUNS_DIR")
         .args(args)
-        .args(["--cache-dir", ".cache", "--runs-dir", "runs"])
-        .output()
+        .args(["--cache-dir", ".cache", "--runs-dir", "runs"]);
+    c
+}
+
+fn pipeline(dir: &Path, args: &[&str]) -> Output {
+    command(dir, args).output().unwrap()
+}
+
+fn shrunk_run_args(r: &str) -> Vec<&str> {
+    let mut args = vec!["run", r, "-j", "2"];
+    args.extend_from_slice(SHRINK);
+    args
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
         .unwrap()
 }
 
+/// Every file of the report output, by name.
+fn report_files(runs: &Path) -> Vec<(String, Vec<u8>)> {
+    let dir = runs.join("report/report");
+    let mut out: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 #[test]
-fn shipped_recipe_plans_in_full_and_runs_shrunk_then_caches() {
+fn shipped_recipe_plans_four_methods_runs_shrunk_then_caches() {
     let t = tempfile::tempdir().unwrap();
     let r = recipe();
     let r = r.to_str().unwrap();
@@ -44,45 +86,55 @@ fn shipped_recipe_plans_in_full_and_runs_shrunk_then_caches() {
     let text =
         String::from_utf8_lossy(&plan.stdout).into_owned() + &String::from_utf8_lossy(&plan.stderr);
     assert!(plan.status.success(), "{text}");
-    for s in ["task/ScienceQA", "task/OCRVQA", "base", "tokenizer", "asd"] {
-        assert!(text.contains(s), "plan lacks {s}: {text}");
+    // 3 shared + 2 ASD + 4 x 8 trainings + 4 x 8 evaluations + 4 metrics + the report.
+    assert!(text.contains("74 stages"), "{text}");
+    for m in METHODS {
+        for s in [
+            format!("task/{m},task=OCRVQA"),
+            format!("eval/{m},task=ScienceQA"),
+            format!("metrics/{m}"),
+        ] {
+            assert!(text.contains(&s), "plan lacks {s}: {text}");
+        }
     }
 
-    let mut args = vec!["run", r];
-    args.extend_from_slice(SHRINK);
+    let args = shrunk_run_args(r);
     let out = pipeline(t.path(), &args);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let runs = t.path().join("runs/sefe_coin");
-    let last = runs.join("task/TextVQA/model");
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "reglora_key_elements.safetensors",
-    ] {
-        assert!(last.join(f).is_file(), "{} lacks {f}", last.display());
-    }
-    assert!(
-        runs.join("task/TextVQA/adapter/adapter_config.json")
-            .is_file()
-    );
-    // TextVQA trained with the penalty against ScienceQA's key elements.
-    let log: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(last.join("train_log.json")).unwrap()).unwrap();
-    assert_eq!(log[2]["extras"][0][0], "reglora", "{log}");
 
-    // The evaluation rows and the continual-learning metrics over them.
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(runs.join("metrics/metrics/metrics.json")).unwrap())
-            .unwrap();
-    assert_eq!(
-        m["tasks"],
-        serde_json::json!(["ScienceQA", "TextVQA"]),
-        "{m}"
-    );
-    assert_eq!(m["matrix"].as_array().map(Vec::len), Some(2), "{m}");
-    assert!(runs.join("eval/TextVQA/metrics/scores.json").is_file());
+    // RegLoRA on: TextVQA trained against ScienceQA's key elements and passes the set on.
+    let on = runs.join("task/x=20,reglora=2500,task=TextVQA/model");
+    assert!(on.join("reglora_key_elements.safetensors").is_file());
+    let log = read_json(&on.join("train_log.json"));
+    assert_eq!(log[2]["extras"][0][0], "reglora", "{log}");
+    // RegLoRA off: no penalty and no key elements.
+    let off = runs.join("task/x=20,reglora=0,task=TextVQA/model");
+    assert!(!off.join("reglora_key_elements.safetensors").exists());
+    let log = read_json(&off.join("train_log.json"));
+    assert_eq!(log[2]["extras"], serde_json::json!([]), "{log}");
+
+    for m in METHODS {
+        let metrics = read_json(&runs.join(format!("metrics/{m}/metrics/metrics.json")));
+        assert_eq!(
+            metrics["tasks"],
+            serde_json::json!(["ScienceQA", "TextVQA"]),
+            "{metrics}"
+        );
+        assert_eq!(
+            metrics["matrix"].as_array().map(Vec::len),
+            Some(2),
+            "{metrics}"
+        );
+    }
+    let files = report_files(&runs);
+    let md = &files.iter().find(|(n, _)| n == "report.md").unwrap().1;
+    let md = String::from_utf8_lossy(md);
+    for label in ["ASD 0%, RegLoRA λ=0", "ASD 20%, RegLoRA λ=2500"] {
+        assert!(md.contains(label), "report lacks {label}: {md}");
+    }
+    assert!(files.iter().any(|(n, _)| n == "report.html"));
 
     let again = pipeline(t.path(), &args);
     let err = String::from_utf8_lossy(&again.stderr);
@@ -91,4 +143,108 @@ fn shipped_recipe_plans_in_full_and_runs_shrunk_then_caches() {
         !err.contains("Running"),
         "second run recomputed something: {err}"
     );
+
+    // One expansion's learning rate: exactly that training, its successor, and the
+    // evaluations and metrics downstream of them rerun; the other three methods stay cached.
+    let mut one = args.clone();
+    one.extend(["--set", "task/x=0,reglora=0,task=ScienceQA.lr=1e-3"]);
+    let out = pipeline(t.path(), &one);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let ran: Vec<&str> = err
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Running "))
+        .collect();
+    let mut ran_sorted = ran.clone();
+    ran_sorted.sort_unstable();
+    assert_eq!(
+        ran_sorted,
+        [
+            "eval/x=0,reglora=0,task=ScienceQA",
+            "eval/x=0,reglora=0,task=TextVQA",
+            "metrics/x=0,reglora=0",
+            "report",
+            "task/x=0,reglora=0,task=ScienceQA",
+            "task/x=0,reglora=0,task=TextVQA",
+        ],
+        "{err}"
+    );
+}
+
+#[test]
+fn sigkill_during_training_resumes_to_the_same_report_bytes() {
+    let r = recipe();
+    let r = r.to_str().unwrap();
+    let args = shrunk_run_args(r);
+
+    let clean = tempfile::tempdir().unwrap();
+    let out = pipeline(clean.path(), &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = report_files(&clean.path().join("runs/sefe_coin"));
+
+    // Kill the run once a task training has written its first checkpoint.
+    let t = tempfile::tempdir().unwrap();
+    let mut child = command(t.path(), &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ck = t.path().join(".cache");
+    let start = Instant::now();
+    let mut killed = false;
+    while start.elapsed() < Duration::from_secs(300) {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        // Only the task trainings checkpoint at this size (every step).
+        let has_task_ckpt = walk(&ck).iter().any(|p| {
+            let s = p.to_string_lossy();
+            s.contains("checkpoints") && s.contains("step-")
+        });
+        if has_task_ckpt {
+            child.kill().unwrap();
+            killed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.wait();
+    assert!(killed, "the run ended before any training checkpoint appeared");
+
+    let out = pipeline(t.path(), &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = report_files(&t.path().join("runs/sefe_coin"));
+    assert_eq!(
+        got.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        want.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()
+    );
+    for ((n, a), (_, b)) in got.iter().zip(&want) {
+        assert!(a == b, "{n} differs after the resumed run");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
 }
