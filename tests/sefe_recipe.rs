@@ -213,7 +213,10 @@ fn sigkill_during_training_resumes_to_the_same_report_bytes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.wait();
-    assert!(killed, "the run ended before any training checkpoint appeared");
+    assert!(
+        killed,
+        "the run ended before any training checkpoint appeared"
+    );
 
     let out = pipeline(t.path(), &args);
     assert!(
