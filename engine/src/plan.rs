@@ -137,10 +137,13 @@ fn plan_with_manifests(
             .iter()
             .find(|inp| matches!(known[inp.stage], Known::Error))
         {
-            row.error = Some(format!(
-                "upstream `{}` cannot run",
-                recipe.stages[bad.stage].name
-            ));
+            // Its own missing files are named too, so one `plan` lists everything a recipe
+            // lacks (data and weights), not only the first stage that lacks something.
+            let mut msg = format!("upstream `{}` cannot run", recipe.stages[bad.stage].name);
+            if let Err(e) = keys::check_externals(recipe, node, cache) {
+                msg = format!("{e}; {msg}");
+            }
+            row.error = Some(msg);
             rows.push(row);
             known.push(Known::Error);
             manifests.push(None);

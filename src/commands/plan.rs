@@ -25,7 +25,8 @@ pub fn plan(g: &GlobalArgs, args: &RecipeArgs) -> CmdResult {
             }
         }
         out(&text);
-        return Ok(0);
+        let errors = plan.rows.iter().any(|r| r.status == Status::Error);
+        return Ok(u8::from(errors));
     }
     let width = plan
         .rows
@@ -65,9 +66,27 @@ pub fn plan(g: &GlobalArgs, args: &RecipeArgs) -> CmdResult {
             count(Status::Error)
         );
     }
+    // Every missing or unreadable external input, once, so a recipe pointed at data or
+    // weights that are not there says exactly what to provide.
+    let mut missing: Vec<&str> = Vec::new();
+    for row in &plan.rows {
+        for part in row.error.iter().flat_map(|e| e.split("; ")) {
+            if part.starts_with("cannot read `") && !missing.contains(&part) {
+                missing.push(part);
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let _ = writeln!(text, "\nmissing inputs:");
+        for m in &missing {
+            let _ = writeln!(text, "  {m}");
+        }
+    }
+    let errors = plan.rows.iter().any(|r| r.status == Status::Error);
     out(&text);
     // The process ends here: freeing a 10,000-stage recipe and plan one allocation at a
     // time would cost ~6% of the command (measured with callgrind), for nothing.
     std::mem::forget((recipe, plan));
-    Ok(0)
+    // A stage that cannot run makes the plan fail (exit 1), so scripts can check a recipe.
+    Ok(u8::from(errors))
 }

@@ -195,3 +195,53 @@ fn recipe_named_relative_to_the_current_directory() {
         "outs must land next to the recipe"
     );
 }
+
+#[test]
+fn plan_names_every_missing_input_and_exits_1() {
+    let p = Project::new(
+        r#"[experiment]
+name = "missing"
+
+[stages.a]
+kind = "shell"
+deps = ["data/raw.txt"]
+cmd = "cat ${deps} > ${outs}"
+outs = ["a.txt"]
+
+[stages.b]
+kind = "shell"
+deps = ["@a", "weights.bin"]
+cmd = "cat ${deps} > ${outs}"
+outs = ["b.txt"]
+"#,
+    );
+    let r = p.run(&["plan", p.recipe().to_str().unwrap()]);
+    assert_eq!(
+        r.code, 1,
+        "a plan with stages that cannot run exits 1:\n{}",
+        r.stdout
+    );
+    // Both files are named with the OS's reason, including the one below a broken stage.
+    let missing = r.stdout.split("missing inputs:").nth(1).unwrap_or_default();
+    for f in [
+        "`data/raw.txt` (param `deps`)",
+        "`weights.bin` (param `deps`)",
+    ] {
+        assert!(
+            missing.contains(f),
+            "missing inputs lack {f}:\n{}",
+            r.stdout
+        );
+    }
+    assert!(
+        r.stdout.contains("No such file or directory"),
+        "{}",
+        r.stdout
+    );
+    std::fs::create_dir_all(p.proj().join("data")).unwrap();
+    std::fs::write(p.proj().join("data/raw.txt"), "x\n").unwrap();
+    std::fs::write(p.proj().join("weights.bin"), "w\n").unwrap();
+    let r = p.run(&["plan", p.recipe().to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert!(!r.stdout.contains("missing inputs"), "{}", r.stdout);
+}

@@ -22,7 +22,7 @@ pub struct KeyEnv {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// An external file is missing or unreadable.
-    #[error("cannot read `{path}` (param `{param}`): {source}")]
+    #[error("cannot read `{path}` (param `{param}`): {}", root_cause(source))]
     External {
         /// The parameter naming it.
         param: String,
@@ -127,6 +127,16 @@ pub fn manifest(
 ///
 /// # Errors
 /// An unreadable external file, as from [`manifest`].
+/// The innermost cause of an error: for a missing file, the OS's own words
+/// (`No such file or directory (os error 2)`) rather than our wrapper's restatement of the path.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
 pub fn check_externals(recipe: &Recipe, node: &StageNode, cache: &Cache) -> Result<(), KeyError> {
     for ext in &node.externals {
         cache
