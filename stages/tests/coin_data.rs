@@ -421,14 +421,16 @@ fn data_coin_rejects_broken_directories_precisely() {
 
 fn asd(data: &Path, work: &Path, x: i64, seed: u64) -> Result<PathBuf, StageError> {
     let inputs = BTreeMap::from([("data".to_string(), vec![data.to_path_buf()])]);
-    run(
-        &AsdRewrite,
-        work,
-        json!({"data": data.to_str().unwrap(), "x": x}),
-        inputs,
-        seed,
-    )
-    .map(|r| r.0)
+    // The engine fills every default before a kind runs; do the same here.
+    let mut params = serde_json::Map::new();
+    for spec in AsdRewrite.params() {
+        if let Some(d) = spec.default {
+            params.insert(spec.name.to_string(), d);
+        }
+    }
+    params.insert("data".into(), json!(data.to_str().unwrap()));
+    params.insert("x".into(), json!(x));
+    run(&AsdRewrite, work, Value::Object(params), inputs, seed).map(|r| r.0)
 }
 
 /// Check a converted record against its style.
