@@ -6,6 +6,7 @@
 pub mod cl_metrics;
 pub mod coin_data;
 pub mod coin_eval;
+pub mod merge_kinds;
 pub mod report;
 pub mod sft;
 pub mod train_kinds;
@@ -16,6 +17,7 @@ use engine::stage::Registry;
 pub fn register_all(registry: &mut Registry) {
     coin_data::register(registry);
     train_kinds::register(registry);
+    merge_kinds::register(registry);
     coin_eval::register(registry);
     cl_metrics::register(registry);
     report::register(registry);

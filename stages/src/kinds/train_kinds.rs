@@ -7,14 +7,21 @@
 //!   (vocabulary and special ids taken from the tokenizer) and trains every parameter (vision
 //!   tower, projector, decoder) on the dataset's captioning split and optionally task splits.
 //! - `train.lora` attaches a fresh LoRA to a base model, trains it (plus the projector in its
-//!   own lr group, as SEFE does) on one task's training file, saves the adapter in PEFT layout
-//!   and the merged model. With `reglora` (λ) > 0 it adds RegLoRA's penalty
-//!   ([`crate::train::reglora`]) at the key elements that the base model carries in
-//!   `reglora_key_elements.safetensors` (written by the previous `train.lora` with RegLoRA on)
-//!   and writes the accumulated set (this task's top entries, then the earlier ones) into its
-//!   own merged model. Carrying the set inside the model directory is what lets `chain = true`
-//!   (which only passes the previous stage's default output) wire RegLoRA across tasks; the
-//!   set is also its own output, `key_elements`, for inspection.
+//!   own lr group, as SEFE does) on one task's training file and saves the adapter in PEFT
+//!   layout, next to the trained projector (`non_lora_trainables.safetensors`, LLaVA's name for
+//!   the weights a LoRA run trains outside the LoRA) and the `train_log.json`. With `reglora`
+//!   (λ) > 0 it adds RegLoRA's penalty ([`crate::train::reglora`]) at the key elements of the
+//!   earlier tasks.
+//!
+//!   Two ways to wire a task sequence. The SEFE recipes set `merge = false` and give the
+//!   key elements as a parameter: the merge (`model.merge`) and the key-element selection
+//!   (`reglora.key-elements`) are then stages of their own ([`super::merge_kinds`]), chained
+//!   with `chain = { base = "merge", key_elements = "keys" }`, so each is cached and rerun on
+//!   its own. With `merge = true` (the default, kept for recipes that chain one stage with
+//!   `chain = "base"`) the stage also writes the merged model; the key elements then travel
+//!   inside it as `reglora_key_elements.safetensors` (read from the base when `key_elements`
+//!   is not given; this task's top entries, then the earlier ones, written into the merged
+//!   model and into the `key_elements` output).
 //!
 //! Every model output is self-contained (weights, `config.json`, `tokenizer.json`,
 //! `preprocessor_config.json`) and carries `train_log.json`, the per-step losses. Training
@@ -34,6 +41,7 @@ use super::sft::{
     LoopParams, Sft, SftSet, load_records, run_training, template, train_err, write_model_dir,
 };
 use crate::data::coin::{DatasetInfo, read_test, read_train};
+use crate::model::chat::VICUNA_V1_SYSTEM;
 use crate::model::image::ImageProcessorConfig;
 use crate::model::lora::TargetModules;
 use crate::model::tokenizer::{BpeTrainingConfig, LlavaTokenizer};
@@ -43,6 +51,13 @@ use crate::train::reglora::{KeyElements, RegLoraPenalty};
 
 /// File name of the accumulated RegLoRA key elements inside a model directory.
 pub const KEY_ELEMENTS_FILE: &str = "reglora_key_elements.safetensors";
+
+/// File of an adapter directory holding the parameters trained outside the LoRA (the
+/// projector), full tensors under their model names; `model.merge` puts them into the base.
+pub const NON_LORA_FILE: &str = "non_lora_trainables.safetensors";
+
+/// The training log inside a model or adapter directory (per-step losses).
+pub const TRAIN_LOG_FILE: &str = "train_log.json";
 
 /// Register the training kinds.
 pub fn register(registry: &mut Registry) {
@@ -136,12 +151,18 @@ struct TokParams {
     min_frequency: i64,
 }
 
-/// Every text of the dataset in a fixed order: per task the training turns, then the test
-/// questions and answers; then the pretraining captions (and their prompts).
+/// Every text the model reads, in a fixed order: per task the training turns, then the test
+/// questions and answers; then the pretraining captions (and their prompts). Each training
+/// conversation also contributes the chat template's fixed text (the `vicuna_v1` system prompt
+/// and the turn markers) once, as the model sees it once per example: without it BPE never
+/// merges the system prompt, which then costs 92 character-level tokens in every sequence
+/// (more than the answer and question together), about a third of each training step.
 fn corpus(dir: &Path, info: &DatasetInfo) -> Result<Vec<String>, StageError> {
     let mut out = Vec::new();
+    let template_text = || [VICUNA_V1_SYSTEM.to_string(), "USER: ASSISTANT:".to_string()];
     for t in &info.tasks {
         for r in read_train(&dir.join(&t.train))? {
+            out.extend(template_text());
             out.extend(
                 r.conversations
                     .into_iter()
@@ -155,6 +176,7 @@ fn corpus(dir: &Path, info: &DatasetInfo) -> Result<Vec<String>, StageError> {
     }
     if let Some(p) = &info.pretrain {
         for r in read_train(&dir.join(&p.file))? {
+            out.extend(template_text());
             out.extend(
                 r.conversations
                     .into_iter()
@@ -170,7 +192,7 @@ impl StageKind for TokenizerTrain {
         "tokenizer.train"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn doc(&self) -> &'static str {
         "Train the tiny model's byte-fallback-free BPE tokenizer (Llama-style specials, `<image>` and \
@@ -422,8 +444,14 @@ struct LoraParams {
     weight_decay: f64,
     reglora: f64,
     reglora_top: f64,
+    merge: bool,
     #[serde(flatten)]
     lp: LoopParams,
+}
+
+/// Whether a `train.lora` parameter table asks for the merged model (`merge`, default true).
+fn merges(params: &Value) -> bool {
+    params.get("merge").and_then(Value::as_bool).unwrap_or(true)
 }
 
 /// `reglora` (the penalty weight λ; 0 turns RegLoRA off) and `reglora_top` (the percent of
@@ -450,13 +478,17 @@ impl StageKind for LoraTrain {
         "train.lora"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: the adapter output also holds the trained projector and train_log.json;
+        // `key_elements` and `merge` parameters.
+        2
     }
     fn doc(&self) -> &'static str {
         "Fine-tune a base model on one task's training file with a fresh LoRA (and the projector at its \
-         own lr), optionally with RegLoRA's penalty at the key elements the base carries; writes the \
-         merged model (with the accumulated key elements), the PEFT adapter and the key elements. \
-         Resumable; use `chain = \"base\"` in a `foreach` over tasks."
+         own lr), optionally with RegLoRA's penalty at the key elements of earlier tasks (`key_elements`, \
+         or those the base carries); writes the PEFT adapter (plus the trained projector and \
+         train_log.json) and, with `merge` (default), the merged model and the accumulated key elements. \
+         Resumable; with `merge = false` chain it through `model.merge` and `reglora.key-elements` \
+         (`chain = { base = \"merge\", key_elements = \"keys\" }`)."
     }
     fn params(&self) -> Vec<ParamSpec> {
         let mut v = vec![
@@ -519,24 +551,41 @@ impl StageKind for LoraTrain {
                 "reglora_top",
                 ParamType::Float,
                 Some(json!(2.0)),
-                "RegLoRA: percent of each update's entries kept as key elements",
+                "RegLoRA: percent of each update's entries kept as key elements (with `merge`)",
+            ),
+            spec(
+                "key_elements",
+                ParamType::Ref(ArtifactType::Files),
+                Some(json!("")),
+                "RegLoRA: accumulated key elements of the earlier tasks (a `reglora.key-elements` \
+                 output); unset: those the base model carries, if any",
+            ),
+            spec(
+                "merge",
+                ParamType::Bool,
+                Some(json!(true)),
+                "also write the merged model and the accumulated key elements (false: the adapter only)",
             ),
         ];
         v.extend(loop_specs(0, 8, 20));
         v
     }
-    fn outputs(&self, _: &Value) -> Vec<OutputSpec> {
+    fn outputs(&self, params: &Value) -> Vec<OutputSpec> {
+        let adapter = OutputSpec {
+            name: "adapter",
+            ty: ArtifactType::Adapter,
+            doc: "the task's LoRA in PEFT layout, the trained projector (non_lora_trainables.safetensors) and train_log.json",
+        };
+        if !merges(params) {
+            return vec![adapter];
+        }
         vec![
             OutputSpec {
                 name: "model",
                 ty: ArtifactType::Model,
                 doc: "merged model dir (plus reglora_key_elements.safetensors with reglora)",
             },
-            OutputSpec {
-                name: "adapter",
-                ty: ArtifactType::Adapter,
-                doc: "the task's LoRA in PEFT layout",
-            },
+            adapter,
             OutputSpec {
                 name: "key_elements",
                 ty: ArtifactType::Files,
@@ -642,11 +691,7 @@ impl StageKind for LoraTrain {
                 vars: proj,
             });
         }
-        let prev_keys = base.join(KEY_ELEMENTS_FILE);
-        let prev = match (reg, prev_keys.is_file()) {
-            (Some(_), true) => KeyElements::load(&prev_keys).map_err(train_err)?,
-            _ => KeyElements::default(),
-        };
+        let prev = previous_keys(ctx, &base, reg.is_some())?;
         let mut hooks: Vec<Box<dyn crate::train::LossHook>> = Vec::new();
         if let Some((_, lambda)) = reg
             && !prev.is_empty()
@@ -672,9 +717,22 @@ impl StageKind for LoraTrain {
         let log = run_training(ctx, &mut obj, groups, tcfg)?;
         let mut model = obj.model;
         model.set_dropout_seed(None);
+        let adapter = ctx.output("adapter");
         model
-            .save_adapter("task", &ctx.output("adapter"))
+            .save_adapter("task", &adapter)
             .map_err(|e| StageError::Other(e.to_string()))?;
+        // Var tensors are views of the trained values; the projector ones are the only
+        // trained parameters outside the LoRA.
+        let trained_proj: Vec<_> = vars
+            .iter()
+            .filter(|(n, _)| n.starts_with("multi_modal_projector."))
+            .cloned()
+            .collect();
+        save_non_lora(&adapter.join(NON_LORA_FILE), &trained_proj)?;
+        write_log(&adapter.join(TRAIN_LOG_FILE), &log)?;
+        if !p.merge {
+            return Ok(());
+        }
         let keys_out = ctx.output("key_elements");
         let model_dir = ctx.output("model");
         if let Some((top, _)) = reg {
@@ -692,4 +750,57 @@ impl StageKind for LoraTrain {
             .map_err(|e| StageError::Other(e.to_string()))?;
         write_model_dir(&model_dir, &model, &tok, &log)
     }
+}
+
+/// The key elements RegLoRA penalizes: the `key_elements` input when given, else the set the
+/// base model directory carries (the `merge = true` chain), else none. Not read at all with
+/// RegLoRA off, so a recipe may wire the same chain for every method.
+fn previous_keys(
+    ctx: &mut StageCtx<'_>,
+    base: &Path,
+    reglora: bool,
+) -> Result<KeyElements, StageError> {
+    let given = ctx.inputs.contains_key("key_elements");
+    if !reglora {
+        if given {
+            let _ = writeln!(ctx.log, "reglora off: `key_elements` not used");
+        }
+        return Ok(KeyElements::default());
+    }
+    let file = if given {
+        let f = ctx.input("key_elements")?.join(KEY_ELEMENTS_FILE);
+        if !f.is_file() {
+            return Err(StageError::Input(format!(
+                "parameter `key_elements`: {} does not exist (expected the output of a \
+                 `reglora.key-elements` stage)",
+                f.display()
+            )));
+        }
+        f
+    } else {
+        base.join(KEY_ELEMENTS_FILE)
+    };
+    if file.is_file() {
+        KeyElements::load(&file).map_err(train_err)
+    } else {
+        Ok(KeyElements::default())
+    }
+}
+
+/// Writes the projector parameters a LoRA run trained (none: no file).
+fn save_non_lora(path: &Path, vars: &[(String, candle_core::Var)]) -> Result<(), StageError> {
+    if vars.is_empty() {
+        return Ok(());
+    }
+    let tensors: Vec<(String, candle_core::Tensor)> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect();
+    crate::model::weights::save_safetensors(&tensors, DType::F32, path)
+        .map_err(|e| StageError::Other(format!("{}: {e}", path.display())))
+}
+
+fn write_log(path: &Path, log: &[super::sft::LogLine]) -> Result<(), StageError> {
+    let text = serde_json::to_string_pretty(log).unwrap_or_default();
+    std::fs::write(path, text).map_err(|e| StageError::io(path, e))
 }
