@@ -25,6 +25,10 @@
 //! machine's (a stage asking for more than the machine has is clamped, so it runs alone
 //! rather than never). Stages start in topological order, so runs are reproducible.
 //!
+//! The Slurm executor ([`slurm`]) runs misses as batch jobs instead. What a hit, a commit or
+//! a failure means for a stage, its dependents, the events and the summary is written once
+//! (module `run_state`) and shared by both executors.
+//!
 //! # Failure and interruption
 //!
 //! A failed stage leaves no entry; stages depending on it (transitively) are skipped;
@@ -41,6 +45,7 @@
 
 pub mod keys;
 pub mod local;
+mod run_state;
 pub mod slurm;
 mod stage_run;
 

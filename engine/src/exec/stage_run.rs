@@ -51,6 +51,21 @@ pub(super) struct Env<'a> {
     pub runs_dir: Option<&'a Path>,
 }
 
+/// [`run_job`], with a panicking kind turned into an ordinary stage failure: the scheduler
+/// waits for every job's report and must not wait forever.
+pub(super) fn run_job_caught(env: &Env<'_>, job: &Job) -> Outcome {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_job(env, job))).unwrap_or_else(
+        |panic| {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Outcome::Failed(format!("BUG: the stage panicked: {msg}"), Duration::ZERO)
+        },
+    )
+}
+
 pub(super) fn run_job(env: &Env<'_>, job: &Job) -> Outcome {
     let node = &env.recipe.stages[job.idx];
     let started = Instant::now();

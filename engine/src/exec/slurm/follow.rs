@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::cli;
-use super::{Scheduler, State, slurm_error};
+use super::{Scheduler, slurm_error};
 use crate::events::Event;
 use crate::exec::ExecError;
+use crate::exec::run_state::Slot;
 use crate::exec::stage_run::{self, FinishError};
 
 /// How long the controller may be unreachable before the run gives up.
@@ -44,8 +45,8 @@ impl Scheduler<'_> {
             }
         };
         // Topological order: an upstream's end is handled before its dependents' states.
-        for i in 0..self.states.len() {
-            let State::Submitted(job) = &self.states[i] else {
+        for i in 0..self.run.slots.len() {
+            let Slot::Remote(job) = &self.run.slots[i] else {
                 continue;
             };
             let id = job.id;
@@ -82,7 +83,7 @@ impl Scheduler<'_> {
 
     /// Report a state change of `i`'s job as progress.
     fn show(&mut self, i: usize, shown: String) {
-        let State::Submitted(job) = &mut self.states[i] else {
+        let Slot::Remote(job) = &mut self.run.slots[i] else {
             return;
         };
         if job.shown == shown {
@@ -90,8 +91,8 @@ impl Scheduler<'_> {
         }
         let message = format!("Slurm job {}: {shown}", job.id);
         job.shown = shown;
-        self.reporter.event(&Event::StageProgress {
-            stage: self.recipe.stages[i].name.clone(),
+        self.run.reporter.event(&Event::StageProgress {
+            stage: self.run.recipe.stages[i].name.clone(),
             done: 0,
             total: 0,
             message,
@@ -100,35 +101,35 @@ impl Scheduler<'_> {
 
     /// `stage-started` for a job seen running (or ended before any poll saw it run).
     fn announce(&mut self, i: usize) {
-        let known = match &self.states[i] {
-            State::Submitted(j) if j.announced => return,
-            State::Submitted(j) => j.key.clone(),
+        let known = match &self.run.slots[i] {
+            Slot::Remote(j) if j.announced => return,
+            Slot::Remote(j) => j.key.clone(),
             _ => return,
         };
-        let Some((key, reasons)) = known.or_else(|| self.key_and_reasons(i)) else {
+        let Some((key, reasons)) = known.or_else(|| self.run.key_and_reasons(i)) else {
             return;
         };
-        if let State::Submitted(j) = &mut self.states[i] {
+        if let Slot::Remote(j) = &mut self.run.slots[i] {
             j.announced = true;
         }
-        self.started(i, key, reasons);
+        self.run.started(i, key, reasons);
     }
 
     /// A job ended with exit 0 (`Some("COMPLETED")`) or is no longer known to Slurm
     /// (`None`): either way the cache says whether the stage committed.
     fn ended(&mut self, i: usize, state: Option<&str>) {
-        let State::Submitted(job) = &self.states[i] else {
+        let Slot::Remote(job) = &self.run.slots[i] else {
             return;
         };
         let (id, log, submitted) = (job.id, job.log.clone(), job.submitted);
-        let node = &self.recipe.stages[i];
+        let node = &self.run.recipe.stages[i];
         let how = state.map_or_else(
             || "is no longer known to Slurm".to_owned(),
             |s| format!("ended {s}"),
         );
-        let entry = self.input_entries(i).and_then(|up| {
-            let m = self.manifest(i, &up).ok()?;
-            self.cache.lookup(&m.key()).ok().flatten()
+        let entry = self.run.input_entries(i).and_then(|up| {
+            let m = self.run.manifest(i, &up).ok()?;
+            self.run.cache.lookup(&m.key()).ok().flatten()
         });
         let Some(entry) = entry else {
             let msg = format!(
@@ -141,14 +142,8 @@ impl Scheduler<'_> {
         };
         let entry = Arc::new(entry);
         self.announce(i);
-        let env = stage_run::Env {
-            recipe: self.recipe,
-            cache: self.cache,
-            reporter: self.reporter,
-            cancel: &self.opts.cancel,
-            runs_dir: self.opts.runs_dir.as_deref(),
-        };
-        let Some(kind) = self.kinds[i].clone() else {
+        let env = self.run.env();
+        let Some(kind) = self.run.kinds[i].clone() else {
             return;
         };
         if let Err(e) = stage_run::finish(&env, node, kind.as_ref(), &entry) {
@@ -159,30 +154,15 @@ impl Scheduler<'_> {
             self.fail(i, Some(entry.key), msg, submitted.elapsed());
             return;
         }
-        let name = node.name.clone();
-        if job_hit(&log, &name) {
-            self.reporter.event(&Event::StageCached {
-                stage: name.clone(),
-                key: entry.key.to_hex(),
-                time_saved_ms: entry.manifest.duration_ms,
-                log: entry.dir.join("log.txt"),
-            });
-            self.summary.cached.push(name);
+        if job_hit(&log, &node.name) {
+            self.run.hit(i, entry);
         } else {
-            self.reporter.event(&Event::StageFinished {
-                stage: name.clone(),
-                key: entry.key.to_hex(),
-                elapsed_ms: entry.manifest.duration_ms,
-                log: entry.dir.join("log.txt"),
-            });
-            self.summary.ran.push(name);
-            self.ran_here[i] = true;
+            self.run.ran(i, entry);
         }
-        self.states[i] = State::Done(entry);
     }
 
     fn job_failed(&mut self, i: usize, state: &str) {
-        let State::Submitted(job) = &self.states[i] else {
+        let Slot::Remote(job) = &self.run.slots[i] else {
             return;
         };
         let (id, log, submitted) = (job.id, job.log.clone(), job.submitted);

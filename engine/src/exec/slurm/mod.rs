@@ -73,25 +73,22 @@ mod cli;
 mod follow;
 mod submit;
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cache::{Cache, Entry, Key, Lookup, MissReason};
+use cache::{Cache, Key};
 
 use self::cli::JobId;
 use self::submit::{Paths, absolute_paths, check_tools};
-use super::keys;
-use super::local::previous_manifest;
-use super::stage_run::{self, FinishError, Job, Outcome};
+use super::run_state::{RunState, Slot};
+use super::stage_run::{self, Outcome};
 use super::{ExecError, RunOptions, RunSummary};
-use crate::events::{Event, Reporter};
-use crate::key::{self, RerunReason};
+use crate::events::Reporter;
+use crate::key::RerunReason;
 use crate::recipe::Recipe;
-use crate::stage::{Registry, StageKind};
+use crate::stage::Registry;
 
 /// How to submit jobs, beyond the [`RunOptions`] shared with the local executor.
 #[derive(Debug, Clone)]
@@ -145,22 +142,6 @@ pub fn on_slurm(recipe: &Recipe, command_line: Option<&str>) -> Vec<bool> {
         .collect()
 }
 
-/// Where a stage stands.
-enum State {
-    /// Waiting for upstream stages.
-    Waiting,
-    /// Submitted to Slurm.
-    Submitted(Box<SlurmJob>),
-    /// A local miss waiting for a job slot.
-    Queued(Box<Job>),
-    /// Running in this process.
-    Running,
-    /// Hit or committed: downstream stages read this entry.
-    Done(Arc<Entry>),
-    /// Failed, skipped, or unavailable.
-    Dead,
-}
-
 /// One submitted job.
 struct SlurmJob {
     id: JobId,
@@ -188,93 +169,20 @@ pub fn run(
     opts: &RunOptions,
     slurm: &SlurmOptions,
 ) -> Result<RunSummary, ExecError> {
-    let started = Instant::now();
-    let n = recipe.stages.len();
-    if let Some(i) = opts
-        .selected
-        .iter()
-        .flatten()
-        .chain(&opts.force)
-        .find(|&&i| i >= n)
-    {
-        return Err(ExecError::BadSelection(*i));
-    }
-    let selected: Vec<bool> = (0..n)
-        .map(|i| opts.selected.as_ref().is_none_or(|s| s.contains(&i)))
-        .collect();
-    let mut relevant = vec![false; n];
-    for i in (0..n).rev() {
-        relevant[i] |= selected[i];
-        if relevant[i] {
-            for input in &recipe.stages[i].inputs {
-                relevant[input.stage] = true;
-            }
-        }
-    }
-    let mut upstream: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
-    let mut downstream: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for (i, node) in recipe.stages.iter().enumerate() {
-        if !relevant[i] {
-            continue;
-        }
-        upstream[i].extend(node.inputs.iter().map(|inp| inp.stage));
-        if selected[i] {
-            upstream[i].extend(node.after.iter().copied().filter(|&a| selected[a]));
-        }
-        for &u in &upstream[i] {
-            downstream[u].push(i);
-        }
-    }
+    let mut run = RunState::new(recipe, registry, cache, reporter, opts)?;
     let on_slurm = |i: usize| slurm.on_slurm.get(i).copied().unwrap_or(false);
-    if (0..n).any(|i| relevant[i] && selected[i] && on_slurm(i)) {
+    if (0..recipe.stages.len()).any(|i| run.relevant[i] && run.selected[i] && on_slurm(i)) {
         check_tools()?;
     }
     let paths = absolute_paths(cache, opts, slurm)?;
-    let total = (0..n).filter(|&i| relevant[i] && selected[i]).count();
-    reporter.event(&Event::RunStarted {
-        experiment: recipe.experiment.clone(),
-        stages: total,
-        jobs: opts.jobs,
-    });
-    let has_refs = cache.has_refs(&recipe.experiment);
-    let old_refs: Vec<Option<Key>> = (0..n)
-        .map(|i| {
-            let name = &recipe.stages[i].name;
-            (relevant[i] && has_refs)
-                .then(|| cache.get_ref(&recipe.experiment, name).ok().flatten())
-                .flatten()
-        })
-        .collect();
+    run.announce();
+    run.snapshot_refs();
+    let env = run.env();
     let mut sched = Scheduler {
-        recipe,
-        cache,
-        reporter,
-        opts,
+        run,
         slurm,
         paths,
-        kinds: recipe
-            .stages
-            .iter()
-            .map(|s| registry.get(&s.kind).cloned())
-            .collect(),
-        states: (0..n).map(|_| State::Waiting).collect(),
-        upstream,
-        downstream,
-        selected,
-        relevant,
-        ran_here: vec![false; n],
-        keys: vec![None; n],
-        summary: RunSummary::default(),
-        queue: BTreeSet::new(),
-        old_refs,
         unreachable_since: None,
-    };
-    let env = stage_run::Env {
-        recipe,
-        cache,
-        reporter,
-        cancel: &opts.cancel,
-        runs_dir: opts.runs_dir.as_deref(),
     };
     let mut fatal: Option<ExecError> = None;
     std::thread::scope(|scope| {
@@ -292,37 +200,28 @@ pub fn run(
                     break;
                 }
             } else {
-                if let Err(e) = sched.advance(&env) {
+                if let Err(e) = sched.advance() {
                     fatal = Some(e);
                     // Local stages stop through the cancel flag, like on Ctrl-C.
                     opts.cancel.store(true, Ordering::Relaxed);
                     continue;
                 }
                 while local_running < opts.jobs {
-                    let Some(i) = sched.queue.pop_first() else {
+                    let Some(&i) = sched.run.queue.first() else {
                         break;
                     };
-                    let State::Queued(job) =
-                        std::mem::replace(&mut sched.states[i], State::Running)
-                    else {
+                    let Some(job) = sched.run.take_queued(i) else {
                         continue;
                     };
-                    sched.started(i, job.key, job.reasons.clone());
+                    sched.run.started(i, job.key, job.reasons.clone());
                     local_running += 1;
                     let tx = tx.clone();
                     let env = &env;
                     scope.spawn(move || {
-                        let outcome =
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                stage_run::run_job(env, &job)
-                            }))
-                            .unwrap_or_else(|_| {
-                                Outcome::Failed("BUG: the stage panicked".into(), Duration::ZERO)
-                            });
-                        let _ = tx.send((i, outcome));
+                        let _ = tx.send((i, stage_run::run_job_caught(env, &job)));
                     });
                 }
-                if local_running == 0 && !sched.has_jobs() && sched.queue.is_empty() {
+                if local_running == 0 && !sched.has_jobs() && sched.run.queue.is_empty() {
                     // `advance` has just resolved or submitted every stage it can (after the
                     // last poll's results); with nothing in flight, nothing more can happen.
                     break;
@@ -341,7 +240,8 @@ pub fn run(
             let mut next = rx.recv_timeout(wait).ok();
             while let Some((i, outcome)) = next {
                 local_running -= 1;
-                sched.finished_locally(i, outcome);
+                let jobs = sched.run.finished(i, outcome);
+                cancel_jobs(&jobs);
                 next = rx.try_recv().ok();
             }
         }
@@ -349,34 +249,7 @@ pub fn run(
     if let Some(e) = fatal {
         return Err(e);
     }
-    let interrupted = opts.cancel.load(Ordering::Relaxed);
-    for i in 0..n {
-        if sched.selected[i]
-            && sched.relevant[i]
-            && matches!(
-                sched.states[i],
-                State::Waiting | State::Queued(_) | State::Submitted(_)
-            )
-        {
-            sched.summary.skipped.push(recipe.stages[i].name.clone());
-        }
-    }
-    sched.summary.interrupted = interrupted;
-    sched.summary.elapsed = started.elapsed();
-    let s = &sched.summary;
-    reporter.event(&Event::RunFinished {
-        ran: s.ran.len(),
-        cached: s.cached.len(),
-        failed: s.failed.len(),
-        skipped: s.skipped.clone(),
-        interrupted,
-        elapsed_ms: ms(s.elapsed),
-    });
-    Ok(sched.summary)
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    Ok(sched.run.finish())
 }
 
 fn slurm_error(message: String, help: &str) -> ExecError {
@@ -387,77 +260,65 @@ fn slurm_error(message: String, help: &str) -> ExecError {
 }
 
 struct Scheduler<'a> {
-    recipe: &'a Recipe,
-    cache: &'a Cache,
-    reporter: &'a dyn Reporter,
-    opts: &'a RunOptions,
+    run: RunState<'a, Box<SlurmJob>>,
     slurm: &'a SlurmOptions,
     paths: Paths,
-    kinds: Vec<Option<Arc<dyn StageKind>>>,
-    states: Vec<State>,
-    /// Data inputs, and `after` edges between selected stages.
-    upstream: Vec<BTreeSet<usize>>,
-    downstream: Vec<Vec<usize>>,
-    selected: Vec<bool>,
-    relevant: Vec<bool>,
-    /// Stages computed in this run (for cascade reasons).
-    ran_here: Vec<bool>,
-    /// Keys of started stages (so a failure can name its key).
-    keys: Vec<Option<Key>>,
-    summary: RunSummary,
-    /// Local misses waiting for a slot, in topological order.
-    queue: BTreeSet<usize>,
-    /// Each relevant stage's ref when the run began (the key its reasons are diffed against).
-    old_refs: Vec<Option<Key>>,
     /// When `squeue` started failing, if it is failing.
     unreachable_since: Option<Instant>,
 }
 
+/// Cancel the jobs of stages that will not run after all. `--kill-on-invalid-dep` would
+/// cancel them too, but only at the controller's next pass; the failure is known now. An
+/// error here leaves that to Slurm.
+fn cancel_jobs(jobs: &[Box<SlurmJob>]) {
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+    let _ = cli::scancel(&ids);
+}
+
 impl Scheduler<'_> {
+    fn on_slurm(&self, i: usize) -> bool {
+        self.slurm.on_slurm.get(i).copied().unwrap_or(false)
+    }
+
     fn has_jobs(&self) -> bool {
-        self.states.iter().any(|s| matches!(s, State::Submitted(_)))
+        self.run.slots.iter().any(|s| matches!(s, Slot::Remote(_)))
     }
 
     fn job_ids(&self) -> Vec<JobId> {
-        self.states
+        self.run
+            .slots
             .iter()
             .filter_map(|s| match s {
-                State::Submitted(j) => Some(j.id),
+                Slot::Remote(j) => Some(j.id),
                 _ => None,
             })
             .collect()
     }
 
-    fn ups_done(&self, i: usize) -> bool {
-        self.upstream[i]
-            .iter()
-            .all(|&u| matches!(self.states[u], State::Done(_)))
-    }
-
     /// Resolve every stage whose inputs are committed, and submit every Slurm stage whose
     /// upstream stages are committed or submitted; repeated until nothing changes (a hit
     /// makes its dependents resolvable at once).
-    fn advance(&mut self, env: &stage_run::Env<'_>) -> Result<(), ExecError> {
+    fn advance(&mut self) -> Result<(), ExecError> {
         loop {
             let mut changed = false;
-            for i in 0..self.states.len() {
-                if !self.relevant[i] || self.opts.cancel.load(Ordering::Relaxed) {
+            for i in 0..self.run.slots.len() {
+                if !self.run.relevant[i] || self.run.opts.cancel.load(Ordering::Relaxed) {
                     continue;
                 }
-                match &self.states[i] {
-                    State::Waiting if self.ups_done(i) => {
-                        self.resolve(i, env)?;
+                match &self.run.slots[i] {
+                    Slot::Waiting(_) if self.run.ups_done(i) => {
+                        self.resolve(i)?;
                         changed = true;
                     }
-                    State::Waiting if self.submittable(i) => {
+                    Slot::Waiting(_) if self.submittable(i) => {
                         self.submit(i, None)?;
                         changed = true;
                     }
-                    State::Submitted(j) if j.key.is_none() && self.ups_done(i) => {
+                    Slot::Remote(j) if j.key.is_none() && self.run.ups_done(i) => {
                         // The node will compute this key now; the driver computes it too,
                         // before the job can have committed, to explain why it runs.
-                        if let Some(known) = self.key_and_reasons(i)
-                            && let State::Submitted(j) = &mut self.states[i]
+                        if let Some(known) = self.run.key_and_reasons(i)
+                            && let Slot::Remote(j) = &mut self.run.slots[i]
                         {
                             j.key = Some(known);
                         }
@@ -474,270 +335,43 @@ impl Scheduler<'_> {
     /// A Slurm stage can be submitted ahead once every upstream stage is committed or is a
     /// job of this run (`afterok` then orders them).
     fn submittable(&self, i: usize) -> bool {
-        self.slurm.on_slurm.get(i).copied().unwrap_or(false)
-            && self.selected[i]
-            && !self.opts.force.contains(&i)
-            && self.upstream[i]
+        self.on_slurm(i)
+            && self.run.selected[i]
+            && !self.run.opts.force.contains(&i)
+            && self.run.upstream[i]
                 .iter()
-                .all(|&u| matches!(self.states[u], State::Done(_) | State::Submitted(_)))
-    }
-
-    /// The committed entries of `i`'s inputs, in `node.inputs` order.
-    fn input_entries(&self, i: usize) -> Option<Vec<Arc<Entry>>> {
-        self.recipe.stages[i]
-            .inputs
-            .iter()
-            .map(|inp| match &self.states[inp.stage] {
-                State::Done(e) => Some(e.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn manifest(
-        &self,
-        i: usize,
-        upstream: &[Arc<Entry>],
-    ) -> Result<crate::key::KeyManifest, String> {
-        let node = &self.recipe.stages[i];
-        let kind = self.kinds[i]
-            .as_ref()
-            .ok_or_else(|| format!("BUG: kind `{}` is not registered", node.kind))?;
-        let digest = |inp: &crate::recipe::Input| {
-            let pos = node.inputs.iter().position(|x| x == inp).unwrap_or(0);
-            keys::input_digest(self.recipe, inp, &upstream[pos]).map(Some)
-        };
-        keys::manifest(
-            self.recipe,
-            node,
-            kind.as_ref(),
-            self.cache,
-            &self.opts.env,
-            digest,
-        )
-        .map(|(m, _)| m)
-        .map_err(|e| e.to_string())
-    }
-
-    /// Why `i` runs, diffed against its ref as it was when the run began: a job may commit
-    /// (and move the ref) before the driver gets to compute the reasons.
-    fn reasons(
-        &self,
-        i: usize,
-        key: &Key,
-        manifest: &crate::key::KeyManifest,
-        miss: Option<&MissReason>,
-    ) -> Vec<RerunReason> {
-        if self.opts.force.contains(&i) {
-            return vec![RerunReason::Forced];
-        }
-        let node = &self.recipe.stages[i];
-        let names: Vec<(&str, usize)> = node
-            .inputs
-            .iter()
-            .map(|inp| (self.recipe.stages[inp.stage].name.as_str(), inp.stage))
-            .collect();
-        let reran = |up: &str| names.iter().any(|(n, s)| *n == up && self.ran_here[*s]);
-        let mut reasons = match self.old_refs[i] {
-            None => vec![RerunReason::NeverRun],
-            Some(old) if old == *key => vec![match miss {
-                Some(
-                    MissReason::Corrupt { detail, .. } | MissReason::BadManifest { detail, .. },
-                ) => RerunReason::CacheCorrupt {
-                    detail: detail.clone(),
-                },
-                _ => RerunReason::OutputsMissing,
-            }],
-            Some(old) => previous_manifest(self.cache, &old).map_or_else(
-                || vec![RerunReason::OutputsMissing],
-                |prev| key::diff(&prev, manifest, &reran),
-            ),
-        };
-        if reasons.is_empty() {
-            reasons.push(RerunReason::OutputsMissing);
-        }
-        let ckpt = self.cache.root().join("v1/checkpoints").join(key.to_hex());
-        if std::fs::read_dir(&ckpt).is_ok_and(|mut d| d.next().is_some()) {
-            reasons.push(RerunReason::PreviousAttemptIncomplete);
-        }
-        reasons
-    }
-
-    fn key_and_reasons(&self, i: usize) -> Option<(Key, Vec<RerunReason>)> {
-        let upstream = self.input_entries(i)?;
-        let manifest = self.manifest(i, &upstream).ok()?;
-        let key = manifest.key();
-        let reasons = self.reasons(i, &key, &manifest, None);
-        Some((key, reasons))
+                .all(|&u| matches!(self.run.slots[u], Slot::Done(_) | Slot::Remote(_)))
     }
 
     /// Every input of `i` is committed: look its key up; a hit is finished here, a miss is
     /// submitted (Slurm stages) or queued (local ones).
-    fn resolve(&mut self, i: usize, env: &stage_run::Env<'_>) -> Result<(), ExecError> {
-        let node = &self.recipe.stages[i];
-        let Some(kind) = self.kinds[i].clone() else {
-            let msg = format!("BUG: kind `{}` is not registered", node.kind);
-            self.fail(i, None, msg, Duration::ZERO);
-            return Ok(());
-        };
-        let Some(upstream) = self.input_entries(i) else {
-            let msg = "BUG: resolved before its inputs were committed".to_owned();
-            self.fail(i, None, msg, Duration::ZERO);
-            return Ok(());
-        };
-        let manifest = match self.manifest(i, &upstream) {
-            Ok(m) => m,
-            Err(e) => {
-                self.fail(i, None, e, Duration::ZERO);
+    fn resolve(&mut self, i: usize) -> Result<(), ExecError> {
+        let job = match self.run.resolve(i) {
+            Ok(Some(job)) => job,
+            Ok(None) => return Ok(()),
+            Err((key, error)) => {
+                self.fail(i, key, error, Duration::ZERO);
                 return Ok(());
             }
         };
-        let key = manifest.key();
-        let forced = self.opts.force.contains(&i);
-        let mut miss = None;
-        if !forced {
-            match self.cache.probe(&key) {
-                Ok(Lookup::Hit(entry)) => {
-                    let entry = Arc::new(*entry);
-                    match stage_run::finish(env, node, kind.as_ref(), &entry) {
-                        Ok(()) => {
-                            self.hit(i, entry);
-                            return Ok(());
-                        }
-                        Err(FinishError::Corrupt(detail)) => {
-                            miss = Some(MissReason::Corrupt {
-                                path: PathBuf::new(),
-                                detail,
-                            });
-                        }
-                        Err(FinishError::Other(e)) => {
-                            self.fail(i, Some(key), e.to_string(), Duration::ZERO);
-                            return Ok(());
-                        }
-                    }
-                }
-                Ok(Lookup::Miss(reason)) => miss = Some(reason),
-                Err(e) => {
-                    let msg = format!("cache lookup failed: {e}");
-                    self.fail(i, Some(key), msg, Duration::ZERO);
-                    return Ok(());
-                }
-            }
-        }
-        if !self.selected[i] {
-            let msg = format!(
-                "`{}` is not cached and not selected; include it in the selection to run it",
-                node.name
-            );
-            self.fail(i, Some(key), msg, Duration::ZERO);
+        if !self.on_slurm(i) {
+            self.run.enqueue(job);
             return Ok(());
         }
-        let reasons = self.reasons(i, &key, &manifest, miss.as_ref());
-        if self.slurm.on_slurm.get(i).copied().unwrap_or(false) {
-            if forced {
-                // `pipeline exec` would find the old entry; without it the node recomputes.
-                if let Err(e) = self.cache.remove_entry(&key) {
-                    let msg = format!("cannot remove the forced stage's entry: {e}");
-                    self.fail(i, Some(key), msg, Duration::ZERO);
-                    return Ok(());
-                }
-            }
-            return self.submit(i, Some((key, reasons)));
-        }
-        self.states[i] = State::Queued(Box::new(Job {
-            idx: i,
-            resources: node.resources,
-            kind,
-            key,
-            manifest,
-            upstream,
-            reasons,
-            forced,
-        }));
-        self.queue.insert(i);
-        Ok(())
-    }
-
-    fn started(&mut self, i: usize, key: Key, reasons: Vec<RerunReason>) {
-        self.keys[i] = Some(key);
-        self.reporter.event(&Event::StageStarted {
-            stage: self.recipe.stages[i].name.clone(),
-            key: key.to_hex(),
-            cascade: key::is_cascade(&reasons),
-            reasons,
-        });
-    }
-
-    fn hit(&mut self, i: usize, entry: Arc<Entry>) {
-        let name = self.recipe.stages[i].name.clone();
-        if self.selected[i] {
-            self.reporter.event(&Event::StageCached {
-                stage: name.clone(),
-                key: entry.key.to_hex(),
-                time_saved_ms: entry.manifest.duration_ms,
-                log: entry.dir.join("log.txt"),
-            });
-            self.summary.cached.push(name);
-        }
-        self.states[i] = State::Done(entry);
-    }
-
-    fn finished_locally(&mut self, i: usize, outcome: Outcome) {
-        let name = self.recipe.stages[i].name.clone();
-        match outcome {
-            Outcome::Ran(entry) => {
-                self.reporter.event(&Event::StageFinished {
-                    stage: name.clone(),
-                    key: entry.key.to_hex(),
-                    elapsed_ms: entry.manifest.duration_ms,
-                    log: entry.dir.join("log.txt"),
-                });
-                self.summary.ran.push(name);
-                self.ran_here[i] = true;
-                self.states[i] = State::Done(entry);
-            }
-            Outcome::Hit(entry) => self.hit(i, entry),
-            Outcome::Failed(error, elapsed) => self.fail(i, None, error, elapsed),
-            Outcome::Cancelled => {
-                self.states[i] = State::Dead;
-                self.summary.skipped.push(name);
+        if job.forced {
+            // `pipeline exec` would find the old entry; without it the node recomputes.
+            if let Err(e) = self.run.cache.remove_entry(&job.key) {
+                let msg = format!("cannot remove the forced stage's entry: {e}");
+                self.fail(i, Some(job.key), msg, Duration::ZERO);
+                return Ok(());
             }
         }
+        self.submit(i, Some((job.key, job.reasons)))
     }
 
     /// Mark `i` failed and everything downstream skipped; cancel their jobs.
     fn fail(&mut self, i: usize, key: Option<Key>, error: String, elapsed: Duration) {
-        let name = self.recipe.stages[i].name.clone();
-        let key = key.or(self.keys[i]);
-        self.queue.remove(&i);
-        self.states[i] = State::Dead;
-        self.reporter.event(&Event::StageFailed {
-            stage: name.clone(),
-            key: key.map(|k| k.to_hex()),
-            error: error.clone(),
-            elapsed_ms: ms(elapsed),
-        });
-        self.summary.failed.push((name, error));
-        let mut cancel = Vec::new();
-        let mut stack = self.downstream[i].clone();
-        while let Some(d) = stack.pop() {
-            if matches!(self.states[d], State::Dead) {
-                continue;
-            }
-            self.queue.remove(&d);
-            if let State::Submitted(j) = &self.states[d] {
-                cancel.push(j.id);
-            }
-            self.states[d] = State::Dead;
-            if self.selected[d] {
-                self.summary
-                    .skipped
-                    .push(self.recipe.stages[d].name.clone());
-            }
-            stack.extend(self.downstream[d].iter().copied());
-        }
-        // `--kill-on-invalid-dep` would cancel them too, but only at the controller's next
-        // pass; the failure is known now. An error here leaves that to Slurm.
-        let _ = cli::scancel(&cancel);
+        let jobs = self.run.fail(i, key, error, elapsed);
+        cancel_jobs(&jobs);
     }
 }

@@ -7,8 +7,9 @@ use std::time::Instant;
 use cache::{Cache, Key};
 
 use super::cli;
-use super::{Scheduler, SlurmJob, SlurmOptions, State, slurm_error};
+use super::{Scheduler, SlurmJob, SlurmOptions, slurm_error};
 use crate::events::Event;
+use crate::exec::run_state::Slot;
 use crate::exec::{ExecError, RunOptions};
 use crate::key::RerunReason;
 
@@ -70,11 +71,11 @@ impl Scheduler<'_> {
         i: usize,
         key: Option<(Key, Vec<RerunReason>)>,
     ) -> Result<(), ExecError> {
-        let node = &self.recipe.stages[i];
-        let deps: Vec<String> = self.upstream[i]
+        let node = &self.run.recipe.stages[i];
+        let deps: Vec<String> = self.run.upstream[i]
             .iter()
-            .filter_map(|&u| match &self.states[u] {
-                State::Submitted(j) => Some(j.id.to_string()),
+            .filter_map(|&u| match &self.run.slots[u] {
+                Slot::Remote(j) => Some(j.id.to_string()),
                 _ => None,
             })
             .collect();
@@ -82,7 +83,7 @@ impl Scheduler<'_> {
             .paths
             .cache
             .join("slurm")
-            .join(cli::path_safe(&self.recipe.experiment))
+            .join(cli::path_safe(&self.run.recipe.experiment))
             .join(cli::path_safe(&node.name));
         std::fs::create_dir_all(&log_dir).map_err(|e| {
             slurm_error(
@@ -96,7 +97,7 @@ impl Scheduler<'_> {
         let r = node.resources;
         let mut args = vec![
             "--parsable".to_owned(),
-            format!("--job-name={}:{}", self.recipe.experiment, node.name),
+            format!("--job-name={}:{}", self.run.recipe.experiment, node.name),
             format!("--output={}/%j.log", log_dir.display()),
             format!("--chdir={}", self.paths.cwd.display()),
             "--kill-on-invalid-dep=yes".to_owned(),
@@ -128,13 +129,13 @@ impl Scheduler<'_> {
                  rerunning resumes where this run stopped",
             )
         })?;
-        self.reporter.event(&Event::StageProgress {
+        self.run.reporter.event(&Event::StageProgress {
             stage: node.name.clone(),
             done: 0,
             total: 0,
             message: format!("Slurm job {id} submitted"),
         });
-        self.states[i] = State::Submitted(Box::new(SlurmJob {
+        self.run.slots[i] = Slot::Remote(Box::new(SlurmJob {
             id,
             log: log_dir.join(format!("{id}.log")),
             key,
@@ -151,10 +152,10 @@ impl Scheduler<'_> {
         use std::fmt::Write as _;
         let mut s = format!(
             "#!/bin/sh\n# pipeline: stage {stage} of experiment {}\n",
-            self.recipe.experiment
+            self.run.recipe.experiment
         );
         for var in crate::env_vars::KEYED {
-            match self.opts.env.env.get(*var) {
+            match self.run.opts.env.env.get(*var) {
                 Some(v) => {
                     let _ = writeln!(s, "export {var}={}", cli::sh_quote(v));
                 }

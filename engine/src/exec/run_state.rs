@@ -1,0 +1,557 @@
+//! The bookkeeping both executors share: where each stage stands, what a hit, a commit or a
+//! failure means for it and for its dependents, the events that report it and the summary.
+//!
+//! The executors differ only in *how* a stage that must run is run: the local one starts a
+//! thread ([`super::local`]); the Slurm one submits a job ([`super::slurm`]), which is the
+//! one state only it uses ([`Slot::Remote`], generic so that this module knows nothing of
+//! Slurm). Everything else — selection, the upstream/downstream graph, key and lookup of a
+//! stage whose inputs are committed, rerun reasons, skipping the dependents of a failure,
+//! the summary counts and the events — is written once here, so that both executors report
+//! the same run the same way.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cache::{Cache, Entry, Key, Lookup, MissReason};
+
+use super::keys;
+use super::stage_run::{self, FinishError, Job, Outcome};
+use super::{ExecError, RunOptions, RunSummary};
+use crate::events::{Event, Reporter};
+use crate::key::{self, KeyManifest, RerunReason};
+use crate::recipe::{Input, Recipe};
+use crate::stage::{Registry, StageKind};
+
+/// Where a stage stands; `R` is the executor's own "running elsewhere" state.
+pub(super) enum Slot<R> {
+    /// Waiting for this many upstream stages to be done.
+    Waiting(usize),
+    /// A miss, queued to run in this process.
+    Queued(Box<Job>),
+    /// Running in this process.
+    Running,
+    /// Handed to another system (a Slurm job).
+    Remote(R),
+    /// Hit or committed: downstream stages read this entry.
+    Done(Arc<Entry>),
+    /// Failed, skipped, or unavailable (not selected and not cached).
+    Dead,
+}
+
+/// Why a stage cannot run: the key, when known, and a one-line message.
+pub(super) type Failure = (Option<Key>, String);
+
+/// The state of one run, shared by the executors.
+pub(super) struct RunState<'a, R> {
+    pub recipe: &'a Recipe,
+    pub cache: &'a Cache,
+    pub reporter: &'a dyn Reporter,
+    pub opts: &'a RunOptions,
+    pub kinds: Vec<Option<Arc<dyn StageKind>>>,
+    pub slots: Vec<Slot<R>>,
+    /// Data inputs, and `after` edges between selected stages, of relevant stages.
+    pub upstream: Vec<BTreeSet<usize>>,
+    pub downstream: Vec<Vec<usize>>,
+    pub selected: Vec<bool>,
+    /// Selected stages and everything they read (which must then be hits).
+    pub relevant: Vec<bool>,
+    /// Relevant stages whose upstream stages are all done: their key can be computed.
+    pub ready: BTreeSet<usize>,
+    /// Misses waiting for a job slot in this process, in topological order.
+    pub queue: BTreeSet<usize>,
+    /// Each relevant stage's ref when the run began, when the executor took that snapshot
+    /// ([`RunState::snapshot_refs`]); otherwise refs are read when reasons are needed.
+    old_refs: Option<Vec<Option<Key>>>,
+    /// Stages computed in this run (for cascade reasons).
+    ran_here: Vec<bool>,
+    /// Keys of started stages (so a failure can name its key).
+    keys: Vec<Option<Key>>,
+    summary: RunSummary,
+    started: Instant,
+}
+
+impl<'a, R> RunState<'a, R> {
+    /// The graph of the selected stages and what they read.
+    ///
+    /// # Errors
+    /// [`ExecError::BadSelection`] for out-of-range indices.
+    pub fn new(
+        recipe: &'a Recipe,
+        registry: &Registry,
+        cache: &'a Cache,
+        reporter: &'a dyn Reporter,
+        opts: &'a RunOptions,
+    ) -> Result<Self, ExecError> {
+        let started = Instant::now();
+        let n = recipe.stages.len();
+        if let Some(i) = opts
+            .selected
+            .iter()
+            .flatten()
+            .chain(&opts.force)
+            .find(|&&i| i >= n)
+        {
+            return Err(ExecError::BadSelection(*i));
+        }
+        let selected: Vec<bool> = (0..n)
+            .map(|i| opts.selected.as_ref().is_none_or(|s| s.contains(&i)))
+            .collect();
+        let mut relevant = vec![false; n];
+        for i in (0..n).rev() {
+            relevant[i] |= selected[i];
+            if relevant[i] {
+                for input in &recipe.stages[i].inputs {
+                    relevant[input.stage] = true;
+                }
+            }
+        }
+        let mut upstream: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n];
+        let mut downstream: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (i, node) in recipe.stages.iter().enumerate() {
+            if !relevant[i] {
+                continue;
+            }
+            upstream[i].extend(node.inputs.iter().map(|inp| inp.stage));
+            if selected[i] {
+                upstream[i].extend(node.after.iter().copied().filter(|&a| selected[a]));
+            }
+            for &u in &upstream[i] {
+                downstream[u].push(i);
+            }
+        }
+        let slots = upstream.iter().map(|u| Slot::Waiting(u.len())).collect();
+        let ready = (0..n)
+            .filter(|&i| relevant[i] && upstream[i].is_empty())
+            .collect();
+        Ok(Self {
+            recipe,
+            cache,
+            reporter,
+            opts,
+            kinds: recipe
+                .stages
+                .iter()
+                .map(|s| registry.get(&s.kind).cloned())
+                .collect(),
+            slots,
+            upstream,
+            downstream,
+            selected,
+            relevant,
+            ready,
+            queue: BTreeSet::new(),
+            old_refs: None,
+            ran_here: vec![false; n],
+            keys: vec![None; n],
+            summary: RunSummary::default(),
+            started,
+        })
+    }
+
+    /// Diff rerun reasons against each relevant stage's ref as it is now, not as it is when
+    /// the reasons are computed: a remote job may commit (and move the ref) first.
+    pub fn snapshot_refs(&mut self) {
+        let (recipe, cache) = (self.recipe, self.cache);
+        let has_refs = cache.has_refs(&recipe.experiment);
+        self.old_refs = Some(
+            (0..recipe.stages.len())
+                .map(|i| {
+                    (self.relevant[i] && has_refs)
+                        .then(|| {
+                            let name = &recipe.stages[i].name;
+                            cache.get_ref(&recipe.experiment, name).ok().flatten()
+                        })
+                        .flatten()
+                })
+                .collect(),
+        );
+    }
+
+    /// Report the start of the run (the number of selected stages it concerns).
+    pub fn announce(&self) {
+        let total = (0..self.slots.len())
+            .filter(|&i| self.relevant[i] && self.selected[i])
+            .count();
+        self.reporter.event(&Event::RunStarted {
+            experiment: self.recipe.experiment.clone(),
+            stages: total,
+            jobs: self.opts.jobs,
+        });
+    }
+
+    /// What every stage run in this process is given.
+    pub fn env(&self) -> stage_run::Env<'a> {
+        stage_run::Env {
+            recipe: self.recipe,
+            cache: self.cache,
+            reporter: self.reporter,
+            cancel: &self.opts.cancel,
+            runs_dir: self.opts.runs_dir.as_deref(),
+        }
+    }
+
+    /// Whether every upstream stage of `i` is done.
+    pub fn ups_done(&self, i: usize) -> bool {
+        self.upstream[i]
+            .iter()
+            .all(|&u| matches!(self.slots[u], Slot::Done(_)))
+    }
+
+    /// The committed entries of `i`'s inputs, in `node.inputs` order.
+    pub fn input_entries(&self, i: usize) -> Option<Vec<Arc<Entry>>> {
+        self.recipe.stages[i]
+            .inputs
+            .iter()
+            .map(|inp| match &self.slots[inp.stage] {
+                Slot::Done(e) => Some(e.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The key manifest of `i` over its inputs' entries (`upstream`, in `node.inputs` order).
+    pub fn manifest(&self, i: usize, upstream: &[Arc<Entry>]) -> Result<KeyManifest, String> {
+        let node = &self.recipe.stages[i];
+        let kind = self.kinds[i]
+            .as_ref()
+            .ok_or_else(|| format!("BUG: kind `{}` is not registered", node.kind))?;
+        let digest = |inp: &Input| {
+            let pos = node.inputs.iter().position(|x| x == inp).unwrap_or(0);
+            keys::input_digest(self.recipe, inp, &upstream[pos]).map(Some)
+        };
+        keys::manifest(
+            self.recipe,
+            node,
+            kind.as_ref(),
+            self.cache,
+            &self.opts.env,
+            digest,
+        )
+        .map(|(m, _)| m)
+        .map_err(|e| e.to_string())
+    }
+
+    /// Why `i` runs (with key `key`, after lookup result `miss`).
+    pub fn reasons(
+        &self,
+        i: usize,
+        key: &Key,
+        manifest: &KeyManifest,
+        miss: Option<&MissReason>,
+    ) -> Vec<RerunReason> {
+        if self.opts.force.contains(&i) {
+            return vec![RerunReason::Forced];
+        }
+        let node = &self.recipe.stages[i];
+        let names: Vec<(&str, usize)> = node
+            .inputs
+            .iter()
+            .map(|inp| (self.recipe.stages[inp.stage].name.as_str(), inp.stage))
+            .collect();
+        let reran = |up: &str| names.iter().any(|(n, s)| *n == up && self.ran_here[*s]);
+        match &self.old_refs {
+            Some(refs) => reasons_since(self.cache, refs[i], key, manifest, miss, &reran),
+            None => miss_reasons(
+                self.cache,
+                &self.recipe.experiment,
+                &node.name,
+                key,
+                manifest,
+                miss,
+                &reran,
+            ),
+        }
+    }
+
+    /// The key of `i` and why it runs, once its inputs are committed.
+    pub fn key_and_reasons(&self, i: usize) -> Option<(Key, Vec<RerunReason>)> {
+        let upstream = self.input_entries(i)?;
+        let manifest = self.manifest(i, &upstream).ok()?;
+        let key = manifest.key();
+        let reasons = self.reasons(i, &key, &manifest, None);
+        Some((key, reasons))
+    }
+
+    /// Every input of `i` is committed: compute its key and look it up. A hit is finished
+    /// and recorded here (`Ok(None)`); a miss comes back as the job that computes it; a stage
+    /// that cannot run comes back as the failure for the executor to record
+    /// ([`RunState::fail`]).
+    pub fn resolve(&mut self, i: usize) -> Result<Option<Job>, Failure> {
+        let node = &self.recipe.stages[i];
+        let Some(kind) = self.kinds[i].clone() else {
+            return Err((None, format!("BUG: kind `{}` is not registered", node.kind)));
+        };
+        let Some(upstream) = self.input_entries(i) else {
+            return Err((
+                None,
+                "BUG: resolved before its inputs were committed".into(),
+            ));
+        };
+        let manifest = self.manifest(i, &upstream).map_err(|e| (None, e))?;
+        let key = manifest.key();
+        let forced = self.opts.force.contains(&i);
+        let mut miss = None;
+        if !forced {
+            match self.cache.probe_outputs(&key) {
+                Ok(Lookup::Hit(entry)) => {
+                    let entry = Arc::new(*entry);
+                    match stage_run::finish(&self.env(), node, kind.as_ref(), &entry) {
+                        Ok(()) => {
+                            self.hit(i, entry);
+                            return Ok(None);
+                        }
+                        // The cache dropped the bad entry: recompute it like any miss.
+                        Err(FinishError::Corrupt(detail)) => {
+                            miss = Some(MissReason::Corrupt {
+                                path: PathBuf::new(),
+                                detail,
+                            });
+                        }
+                        Err(FinishError::Other(e)) => return Err((Some(key), e.to_string())),
+                    }
+                }
+                Ok(Lookup::Miss(reason)) => miss = Some(reason),
+                Err(e) => return Err((Some(key), format!("cache lookup failed: {e}"))),
+            }
+        }
+        if !self.selected[i] {
+            let msg = format!(
+                "`{}` is not cached and not selected; include it in the selection to run it",
+                node.name
+            );
+            return Err((Some(key), msg));
+        }
+        let reasons = self.reasons(i, &key, &manifest, miss.as_ref());
+        Ok(Some(Job {
+            idx: i,
+            resources: node.resources,
+            kind,
+            key,
+            manifest,
+            upstream,
+            reasons,
+            forced,
+        }))
+    }
+
+    /// Queue `job` to run in this process.
+    pub fn enqueue(&mut self, job: Job) {
+        let i = job.idx;
+        self.slots[i] = Slot::Queued(Box::new(job));
+        self.queue.insert(i);
+    }
+
+    /// Take queued stage `i` out of the queue to run it now (it is then `Running`).
+    /// `None` (and `i` leaves the queue all the same) when `i` is not queued.
+    pub fn take_queued(&mut self, i: usize) -> Option<Box<Job>> {
+        self.queue.remove(&i);
+        if !matches!(self.slots[i], Slot::Queued(_)) {
+            return None;
+        }
+        match std::mem::replace(&mut self.slots[i], Slot::Running) {
+            Slot::Queued(job) => Some(job),
+            _ => None,
+        }
+    }
+
+    /// `stage-started` for `i`, computing as `key` for `reasons`.
+    pub fn started(&mut self, i: usize, key: Key, reasons: Vec<RerunReason>) {
+        self.keys[i] = Some(key);
+        self.reporter.event(&Event::StageStarted {
+            stage: self.recipe.stages[i].name.clone(),
+            key: key.to_hex(),
+            cascade: key::is_cascade(&reasons),
+            reasons,
+        });
+    }
+
+    /// `i` was found committed.
+    pub fn hit(&mut self, i: usize, entry: Arc<Entry>) {
+        if self.selected[i] {
+            let name = self.recipe.stages[i].name.clone();
+            self.reporter.event(&Event::StageCached {
+                stage: name.clone(),
+                key: entry.key.to_hex(),
+                time_saved_ms: entry.manifest.duration_ms,
+                log: entry.dir.join("log.txt"),
+            });
+            self.summary.cached.push(name);
+        }
+        self.done(i, entry);
+    }
+
+    /// `i` was computed and committed by this run.
+    pub fn ran(&mut self, i: usize, entry: Arc<Entry>) {
+        let name = self.recipe.stages[i].name.clone();
+        self.reporter.event(&Event::StageFinished {
+            stage: name.clone(),
+            key: entry.key.to_hex(),
+            elapsed_ms: entry.manifest.duration_ms,
+            log: entry.dir.join("log.txt"),
+        });
+        self.summary.ran.push(name);
+        self.ran_here[i] = true;
+        self.done(i, entry);
+    }
+
+    fn done(&mut self, i: usize, entry: Arc<Entry>) {
+        self.slots[i] = Slot::Done(entry);
+        for &d in &self.downstream[i] {
+            if let Slot::Waiting(k) = &mut self.slots[d] {
+                *k -= 1;
+                if *k == 0 {
+                    self.ready.insert(d);
+                }
+            }
+        }
+    }
+
+    /// A stage run in this process ended; returns what [`RunState::fail`] returns.
+    pub fn finished(&mut self, i: usize, outcome: Outcome) -> Vec<R> {
+        match outcome {
+            Outcome::Ran(entry) => self.ran(i, entry),
+            Outcome::Hit(entry) => self.hit(i, entry),
+            Outcome::Failed(error, elapsed) => return self.fail(i, None, error, elapsed),
+            Outcome::Cancelled => {
+                self.slots[i] = Slot::Dead;
+                let name = self.recipe.stages[i].name.clone();
+                self.summary.skipped.push(name);
+            }
+        }
+        Vec::new()
+    }
+
+    /// Mark `i` failed and every stage downstream of it skipped. Returns the remote states
+    /// of the skipped stages, for the executor to stop them.
+    pub fn fail(&mut self, i: usize, key: Option<Key>, error: String, elapsed: Duration) -> Vec<R> {
+        let name = self.recipe.stages[i].name.clone();
+        let key = key.or(self.keys[i]);
+        self.queue.remove(&i);
+        self.slots[i] = Slot::Dead;
+        self.reporter.event(&Event::StageFailed {
+            stage: name.clone(),
+            key: key.map(|k| k.to_hex()),
+            error: error.clone(),
+            elapsed_ms: ms(elapsed),
+        });
+        self.summary.failed.push((name, error));
+        let mut remote = Vec::new();
+        let mut stack = self.downstream[i].clone();
+        while let Some(d) = stack.pop() {
+            if matches!(self.slots[d], Slot::Dead) {
+                continue;
+            }
+            self.ready.remove(&d);
+            self.queue.remove(&d);
+            if let Slot::Remote(r) = std::mem::replace(&mut self.slots[d], Slot::Dead) {
+                remote.push(r);
+            }
+            if self.selected[d] {
+                self.summary
+                    .skipped
+                    .push(self.recipe.stages[d].name.clone());
+            }
+            stack.extend(self.downstream[d].iter().copied());
+        }
+        remote
+    }
+
+    /// The summary (selected stages that never got to run count as skipped), reported as
+    /// `run-finished`.
+    pub fn finish(mut self) -> RunSummary {
+        let interrupted = self.opts.cancel.load(std::sync::atomic::Ordering::Relaxed);
+        for i in 0..self.slots.len() {
+            if self.selected[i]
+                && self.relevant[i]
+                && matches!(
+                    self.slots[i],
+                    Slot::Waiting(_) | Slot::Queued(_) | Slot::Remote(_)
+                )
+            {
+                self.summary
+                    .skipped
+                    .push(self.recipe.stages[i].name.clone());
+            }
+        }
+        self.summary.interrupted = interrupted;
+        self.summary.elapsed = self.started.elapsed();
+        let s = &self.summary;
+        self.reporter.event(&Event::RunFinished {
+            ran: s.ran.len(),
+            cached: s.cached.len(),
+            failed: s.failed.len(),
+            skipped: s.skipped.clone(),
+            interrupted,
+            elapsed_ms: ms(s.elapsed),
+        });
+        self.summary
+    }
+}
+
+pub(super) fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The reasons a stage with key `key` is not a hit, diffing against the previous run (the
+/// stage's ref as it is now).
+pub(crate) fn miss_reasons(
+    cache: &Cache,
+    experiment: &str,
+    stage: &str,
+    key: &Key,
+    manifest: &KeyManifest,
+    miss: Option<&MissReason>,
+    reran: &dyn Fn(&str) -> bool,
+) -> Vec<RerunReason> {
+    let old = cache.get_ref(experiment, stage).ok().flatten();
+    reasons_since(cache, old, key, manifest, miss, reran)
+}
+
+/// The reasons a stage with key `key` is not a hit, diffing against the stage's previous
+/// key `old` (its ref).
+fn reasons_since(
+    cache: &Cache,
+    old: Option<Key>,
+    key: &Key,
+    manifest: &KeyManifest,
+    miss: Option<&MissReason>,
+    reran: &dyn Fn(&str) -> bool,
+) -> Vec<RerunReason> {
+    let mut reasons = match old {
+        None => vec![RerunReason::NeverRun],
+        Some(old) if old == *key => vec![match miss {
+            Some(MissReason::Corrupt { detail, .. } | MissReason::BadManifest { detail, .. }) => {
+                RerunReason::CacheCorrupt {
+                    detail: detail.clone(),
+                }
+            }
+            _ => RerunReason::OutputsMissing,
+        }],
+        Some(old) => match previous_manifest(cache, &old) {
+            Some(prev) => key::diff(&prev, manifest, reran),
+            // The previous entry is gone (gc, corruption): all we know is that it ran once.
+            None => vec![RerunReason::OutputsMissing],
+        },
+    };
+    if reasons.is_empty() {
+        // Equal manifests with different keys cannot happen unless the key schema changed.
+        reasons.push(RerunReason::OutputsMissing);
+    }
+    let ckpt = cache
+        .root()
+        .join("v1")
+        .join("checkpoints")
+        .join(key.to_hex());
+    if std::fs::read_dir(&ckpt).is_ok_and(|mut d| d.next().is_some()) {
+        reasons.push(RerunReason::PreviousAttemptIncomplete);
+    }
+    reasons
+}
+
+/// The manifest of a committed key, if its entry is still there.
+pub(crate) fn previous_manifest(cache: &Cache, key: &Key) -> Option<KeyManifest> {
+    let entry = cache.lookup(key).ok().flatten()?;
+    serde_json::from_value(entry.manifest.inputs).ok()
+}
