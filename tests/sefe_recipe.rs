@@ -1,13 +1,17 @@
 //! The shipped `experiments/sefe_coin.toml` through the binary, shrunk with `--set` to two
 //! tasks and a few steps: the four methods (a matrix over ASD's `x` and RegLoRA's λ) share the
-//! common stages, RegLoRA carries key elements from task to task only where it is on, every
-//! method gets its metrics, the report lands under `runs/`, a second run is fully cached, and
-//! a run killed with SIGKILL during training resumes to the same report bytes.
+//! common stages, each task is three stages (train, merge, key elements) chained to the
+//! previous task's merge and keys, the key elements accumulate by concatenation and only
+//! RegLoRA's trainings penalize them, every method gets its metrics, the report lands under
+//! `runs/`, a second run is fully cached, and a run killed with SIGKILL during training
+//! resumes to the same report bytes.
 #![cfg(feature = "ml")]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use stages::train::reglora::KeyElements;
 
 fn recipe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/sefe_coin.toml")
@@ -86,11 +90,14 @@ fn shipped_recipe_plans_four_methods_runs_shrunk_then_caches() {
     let text =
         String::from_utf8_lossy(&plan.stdout).into_owned() + &String::from_utf8_lossy(&plan.stderr);
     assert!(plan.status.success(), "{text}");
-    // 3 shared + 2 ASD + 4 x 8 trainings + 4 x 8 evaluations + 4 metrics + the report.
-    assert!(text.contains("74 stages"), "{text}");
+    // 3 shared + 2 ASD + 4 x 8 x (training, merge, key elements, evaluation) + 4 metrics +
+    // the report.
+    assert!(text.contains("138 stages"), "{text}");
     for m in METHODS {
         for s in [
             format!("task/{m},task=OCRVQA"),
+            format!("merge/{m},task=OCRVQA"),
+            format!("keys/{m},task=VQAv2"),
             format!("eval/{m},task=ScienceQA"),
             format!("metrics/{m}"),
         ] {
@@ -104,14 +111,41 @@ fn shipped_recipe_plans_four_methods_runs_shrunk_then_caches() {
     assert!(out.status.success(), "{err}");
     let runs = t.path().join("runs/sefe_coin");
 
-    // RegLoRA on: TextVQA trained against ScienceQA's key elements and passes the set on.
-    let on = runs.join("task/x=20,reglora=2500,task=TextVQA/model");
-    assert!(on.join("reglora_key_elements.safetensors").is_file());
-    let log = read_json(&on.join("train_log.json"));
+    // The trainings write adapters only; the merges are the models, with the training logs.
+    let task = runs.join("task/x=20,reglora=2500,task=TextVQA");
+    assert!(task.join("adapter/adapter_model.safetensors").is_file());
+    assert!(!task.join("model").exists());
+    let merged = runs.join("merge/x=20,reglora=2500,task=TextVQA/model");
+    assert!(merged.join("model.safetensors").is_file());
+    assert_eq!(
+        read_json(&merged.join("train_log.json")),
+        read_json(&task.join("adapter/train_log.json"))
+    );
+    // Key elements accumulate: TextVQA's set is its own entries, then ScienceQA's.
+    let keys = |m: &str, t: &str| {
+        KeyElements::load(&runs.join(format!(
+            "keys/{m},task={t}/key_elements/reglora_key_elements.safetensors"
+        )))
+        .unwrap()
+    };
+    let (k1, k2) = (
+        keys("x=20,reglora=2500", "ScienceQA"),
+        keys("x=20,reglora=2500", "TextVQA"),
+    );
+    assert!(!k1.is_empty());
+    assert_eq!(k2.len(), 2 * k1.len());
+    for (m, v) in &k1.sets {
+        assert_eq!(
+            &k2.sets[m][v.len()..],
+            &v[..],
+            "{m}: older set last, unchanged"
+        );
+    }
+    // RegLoRA on: TextVQA trained against ScienceQA's key elements.
+    let log = read_json(&task.join("adapter/train_log.json"));
     assert_eq!(log[2]["extras"][0][0], "reglora", "{log}");
-    // RegLoRA off: no penalty and no key elements.
-    let off = runs.join("task/x=20,reglora=0,task=TextVQA/model");
-    assert!(!off.join("reglora_key_elements.safetensors").exists());
+    // RegLoRA off: no penalty.
+    let off = runs.join("task/x=20,reglora=0,task=TextVQA/adapter");
     let log = read_json(&off.join("train_log.json"));
     assert_eq!(log[2]["extras"], serde_json::json!([]), "{log}");
 
@@ -144,8 +178,9 @@ fn shipped_recipe_plans_four_methods_runs_shrunk_then_caches() {
         "second run recomputed something: {err}"
     );
 
-    // One expansion's learning rate: exactly that training, its successor, and the
-    // evaluations and metrics downstream of them rerun; the other three methods stay cached.
+    // One expansion's learning rate: exactly that training, its merge and key elements, its
+    // successor's (which read them), and the evaluations and metrics downstream of them
+    // rerun; the other three methods stay cached.
     let mut one = args.clone();
     one.extend(["--set", "task/x=0,reglora=0,task=ScienceQA.lr=1e-3"]);
     let out = pipeline(t.path(), &one);
@@ -162,6 +197,10 @@ fn shipped_recipe_plans_four_methods_runs_shrunk_then_caches() {
         [
             "eval/x=0,reglora=0,task=ScienceQA",
             "eval/x=0,reglora=0,task=TextVQA",
+            "keys/x=0,reglora=0,task=ScienceQA",
+            "keys/x=0,reglora=0,task=TextVQA",
+            "merge/x=0,reglora=0,task=ScienceQA",
+            "merge/x=0,reglora=0,task=TextVQA",
             "metrics/x=0,reglora=0",
             "report",
             "task/x=0,reglora=0,task=ScienceQA",
