@@ -9,15 +9,23 @@
 //! Backward on CUDA: attention's three gradients come from one kernel op writing
 //! `[dq | dk | dv]` into one buffer, split afterwards by views; LoRA's `dA`, `dB` come from
 //! the kernels, `dx = g W + (s g B) A` from candle's matmul (cuBLAS).
+//!
+//! Each op writes its kernel call once, generic in the element type ([`TypedOp3`]);
+//! [`dispatch`] picks the type from the operands' dtype and sets up the stream and kernels.
+//! The backward helpers exist on CUDA only and share one `CustomOp3` impl ([`CudaOnly`]).
+
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::CudaView;
-use candle_core::cuda_backend::{CudaDType, CudaStorage};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, CudaView};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, StorageRef, Tensor, bail,
+};
 use half::{bf16, f16};
 
 use super::launch::{self, Attn, AttnKernel, Elem, Lora};
-use super::{CudaError, kernels};
+use super::{CudaError, Kernels, kernels};
 use crate::ops::{attention as cpu_attention, lora as cpu_lora};
 
 fn err(e: CudaError) -> candle_core::Error {
@@ -41,8 +49,113 @@ fn view<'a, T: CudaDType>(
     Ok((s.as_cuda_slice::<T>()?.slice(a..b), a % 2 == 0))
 }
 
+/// A view of a tensor captured by an op (a mask, `W`, an output gradient), which must live
+/// on the CUDA device; `guard` is the tensor's `storage_and_layout()`.
+fn captured<'g, T: CudaDType>(
+    guard: &'g (StorageRef<'_>, &Layout),
+    what: &str,
+) -> Result<(CudaView<'g, T>, bool)> {
+    match &*guard.0 {
+        Storage::Cuda(cs) => view::<T>(cs, guard.1, what),
+        _ => bail!("{what} must be on the CUDA device"),
+    }
+}
+
 fn supported(dt: DType) -> bool {
     matches!(dt, DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// The three operands of a `CustomOp3`, on CUDA.
+type Operands<'s> = [(&'s CudaStorage, &'s Layout); 3];
+
+/// Where a kernel op runs: the operands' device, its stream and the compiled kernels.
+struct Cx {
+    dev: CudaDevice,
+    st: Arc<CudaStream>,
+    kern: Arc<Kernels>,
+}
+
+impl Cx {
+    fn zeros<T: Elem>(&self, n: usize) -> Result<CudaSlice<T>> {
+        self.st.alloc_zeros::<T>(n).map_err(driver)
+    }
+
+    fn wrap<T: CudaDType>(&self, out: CudaSlice<T>, shape: Shape) -> (CudaStorage, Shape) {
+        (CudaStorage::wrap_cuda_slice(out, self.dev.clone()), shape)
+    }
+}
+
+/// An op over three CUDA tensors whose kernels are generic in the element type.
+trait TypedOp3 {
+    /// The op's name, for candle and in errors.
+    const NAME: &'static str;
+
+    /// Runs the kernels for element type `T` (the dtype of every operand).
+    fn run<T: Elem + CudaDType>(&self, cx: &Cx, ops: Operands<'_>) -> Result<(CudaStorage, Shape)>;
+}
+
+/// `cuda_fwd` of every op: `op.run::<T>` for the operands' dtype.
+fn dispatch<O: TypedOp3>(
+    op: &O,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+    s3: &CudaStorage,
+    l3: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let dt = s1.dtype();
+    if !supported(dt) {
+        bail!("{}: no kernel for {dt:?}", O::NAME)
+    }
+    let dev = s1.device().clone();
+    let st = dev.cuda_stream();
+    let kern = kernels(&st).map_err(err)?;
+    let cx = Cx { dev, st, kern };
+    let ops = [(s1, l1), (s2, l2), (s3, l3)];
+    match dt {
+        DType::F32 => op.run::<f32>(&cx, ops),
+        DType::BF16 => op.run::<bf16>(&cx, ops),
+        DType::F16 => op.run::<f16>(&cx, ops),
+        _ => bail!("{}: no kernel for {dt:?}", O::NAME),
+    }
+}
+
+/// An op that exists on CUDA only: a backward helper, whose CPU counterpart is the backward
+/// of the fused CPU op.
+struct CudaOnly<O>(O);
+
+impl<O: TypedOp3 + Send + Sync> CustomOp3 for CudaOnly<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!(
+            "{} runs on CUDA only (the CPU backward is the fused CPU op's)",
+            O::NAME
+        )
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        dispatch(&self.0, s1, l1, s2, l2, s3, l3)
+    }
 }
 
 // ------------------------------------------------------------------ attention
@@ -191,15 +304,9 @@ impl CudaAttention {
     }
 
     /// Runs `f` with the problem description over the three storages.
-    #[allow(clippy::too_many_arguments)]
     fn with_problem<T: Elem + CudaDType, R>(
         &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
+        [(s1, l1), (s2, l2), (s3, l3)]: Operands<'_>,
         f: impl FnOnce(&Attn<'_, T>, AttnKernel) -> Result<R>,
     ) -> Result<R> {
         let (q, e1) = view::<T>(s1, l1, "attention")?;
@@ -218,18 +325,12 @@ impl CudaAttention {
             .map(|(m, mh)| (m.storage_and_layout(), *mh));
         let mask = match &guard {
             None => None,
-            Some(((st, l), mh)) => match &**st {
-                Storage::Cuda(cs) => Some((view::<f32>(cs, l, "attention mask")?.0, *mh)),
-                _ => bail!("attention: the mask must be on the same CUDA device"),
-            },
+            Some((g, mh)) => Some((captured::<f32>(g, "attention mask")?.0, *mh)),
         };
         let rguard = self.range.as_ref().map(|r| r.storage_and_layout());
         let range = match &rguard {
             None => None,
-            Some((st, l)) => match &**st {
-                Storage::Cuda(cs) => Some(view::<u32>(cs, l, "attention key range")?.0),
-                _ => bail!("attention: the key ranges must be on the same CUDA device"),
-            },
+            Some(g) => Some(captured::<u32>(g, "attention key range")?.0),
         };
         let a = Attn {
             q,
@@ -255,32 +356,24 @@ impl CudaAttention {
         };
         f(&a, which)
     }
+}
 
-    fn fwd<T: Elem + CudaDType>(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = s1.device().clone();
-        let st = dev.cuda_stream();
-        let kern = kernels(&st).map_err(err)?;
-        let mut out = st
-            .alloc_zeros::<T>(l1.shape().elem_count())
-            .map_err(driver)?;
-        self.with_problem::<T, _>(s1, l1, s2, l2, s3, l3, |a, which| {
-            launch::attention_fwd(&kern, &st, a, &mut out, None, which).map_err(err)
+impl TypedOp3 for CudaAttention {
+    const NAME: &'static str = "cuda-attention";
+
+    fn run<T: Elem + CudaDType>(&self, cx: &Cx, ops: Operands<'_>) -> Result<(CudaStorage, Shape)> {
+        let shape = ops[0].1.shape().clone();
+        let mut out = cx.zeros::<T>(shape.elem_count())?;
+        self.with_problem::<T, _>(ops, |a, which| {
+            launch::attention_fwd(&cx.kern, &cx.st, a, &mut out, None, which).map_err(err)
         })?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), l1.shape().clone()))
+        Ok(cx.wrap(out, shape))
     }
 }
 
 impl CustomOp3 for CudaAttention {
     fn name(&self) -> &'static str {
-        "cuda-attention"
+        Self::NAME
     }
 
     fn cpu_fwd(
@@ -309,12 +402,7 @@ impl CustomOp3 for CudaAttention {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        match s1.dtype() {
-            DType::F32 => self.fwd::<f32>(s1, l1, s2, l2, s3, l3),
-            DType::BF16 => self.fwd::<bf16>(s1, l1, s2, l2, s3, l3),
-            DType::F16 => self.fwd::<f16>(s1, l1, s2, l2, s3, l3),
-            dt => bail!("cuda-attention: no kernel for {dt:?}"),
-        }
+        dispatch(self, s1, l1, s2, l2, s3, l3)
     }
 
     fn bwd(
@@ -329,7 +417,7 @@ impl CustomOp3 for CudaAttention {
             let (b, _, s, _) = q.dims4()?;
             return self.cpu_op(b, s, k.dim(2)?)?.bwd(q, k, v, res, g);
         }
-        let op = AttentionGrad {
+        let op = CudaOnly(AttentionGrad {
             fwd: CudaAttention {
                 scale: self.scale,
                 mask: self.mask.clone(),
@@ -338,7 +426,7 @@ impl CustomOp3 for CudaAttention {
                 kernel: self.kernel,
             },
             g: g.contiguous()?.detach(),
-        };
+        });
         let packed = q.apply_op3_no_bwd(k, v, &op)?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
         let part = |o: usize, n: usize, t: &Tensor| -> Result<Option<Tensor>> {
@@ -358,74 +446,23 @@ struct AttentionGrad {
     g: Tensor,
 }
 
-impl AttentionGrad {
-    fn run<T: Elem + CudaDType>(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = s1.device().clone();
-        let st = dev.cuda_stream();
-        let kern = kernels(&st).map_err(err)?;
-        let (nq, nk) = (l1.shape().elem_count(), l2.shape().elem_count());
-        let mut packed = st.alloc_zeros::<T>(nq + 2 * nk).map_err(driver)?;
-        let (gs, gl) = self.g.storage_and_layout();
-        let Storage::Cuda(gc) = &*gs else {
-            bail!("cuda-attention backward: gradient not on the CUDA device")
-        };
-        let (go, _) = view::<T>(gc, gl, "attention gradient")?;
+impl TypedOp3 for AttentionGrad {
+    const NAME: &'static str = "cuda-attention-grad";
+
+    fn run<T: Elem + CudaDType>(&self, cx: &Cx, ops: Operands<'_>) -> Result<(CudaStorage, Shape)> {
+        let (nq, nk) = (ops[0].1.shape().elem_count(), ops[1].1.shape().elem_count());
+        let mut packed = cx.zeros::<T>(nq + 2 * nk)?;
+        let gg = self.g.storage_and_layout();
+        let (go, _) = captured::<T>(&gg, "cuda-attention backward: the output gradient")?;
         {
             let (mut dq, mut rest) = packed.split_at_mut(nq);
             let (mut dk, mut dv) = rest.split_at_mut(nk);
-            self.fwd
-                .with_problem::<T, _>(s1, l1, s2, l2, s3, l3, |a, which| {
-                    launch::attention_bwd(&kern, &st, a, &go, &mut dq, &mut dk, &mut dv, which)
-                        .map_err(err)
-                })?;
+            self.fwd.with_problem::<T, _>(ops, |a, which| {
+                launch::attention_bwd(&cx.kern, &cx.st, a, &go, &mut dq, &mut dk, &mut dv, which)
+                    .map_err(err)
+            })?;
         }
-        Ok((
-            CudaStorage::wrap_cuda_slice(packed, dev),
-            Shape::from(nq + 2 * nk),
-        ))
-    }
-}
-
-impl CustomOp3 for AttentionGrad {
-    fn name(&self) -> &'static str {
-        "cuda-attention-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("cuda-attention-grad runs on CUDA only (the CPU backward is the fused CPU op's)")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match s1.dtype() {
-            DType::F32 => self.run::<f32>(s1, l1, s2, l2, s3, l3),
-            DType::BF16 => self.run::<bf16>(s1, l1, s2, l2, s3, l3),
-            DType::F16 => self.run::<f16>(s1, l1, s2, l2, s3, l3),
-            dt => bail!("cuda-attention-grad: no kernel for {dt:?}"),
-        }
+        Ok(cx.wrap(packed, Shape::from(nq + 2 * nk)))
     }
 }
 
@@ -477,32 +514,21 @@ impl CudaLora {
 
     /// Runs `f` with the operands over the storages of `x`, `A`, `B` (and the captured
     /// `W`, bias).
-    #[allow(clippy::too_many_arguments)]
     fn with_operands<T: Elem + CudaDType, R>(
         &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
+        [(s1, l1), (s2, l2), (s3, l3)]: Operands<'_>,
         f: impl FnOnce(&Lora<'_, T>) -> Result<R>,
     ) -> Result<R> {
         let (x, ex) = view::<T>(s1, l1, "lora_linear")?;
         let (a, ea) = view::<T>(s2, l2, "lora_linear")?;
         let (bm, eb) = view::<T>(s3, l3, "lora_linear")?;
-        let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cuda(wc) = &*ws else {
-            bail!("lora_linear: W must be on the CUDA device")
-        };
-        let (w, ew) = view::<T>(wc, wl, "lora_linear weight")?;
+        let wguard = self.w.storage_and_layout();
+        let wl = wguard.1;
+        let (w, ew) = captured::<T>(&wguard, "lora_linear weight")?;
         let bguard = self.b.as_ref().map(|b| b.storage_and_layout());
         let bias = match &bguard {
             None => None,
-            Some((st, l)) => match &**st {
-                Storage::Cuda(bc) => Some(view::<T>(bc, l, "lora_linear bias")?),
-                _ => bail!("lora_linear: bias must be on the CUDA device"),
-            },
+            Some(g) => Some(captured::<T>(g, "lora_linear bias")?),
         };
         let bias_even = bias.as_ref().is_none_or(|b| b.1);
         let bias = bias.map(|b| b.0);
@@ -532,36 +558,29 @@ impl CudaLora {
         };
         f(&l)
     }
+}
 
-    fn fwd<T: Elem + CudaDType>(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = s1.device().clone();
-        let st = dev.cuda_stream();
-        let kern = kernels(&st).map_err(err)?;
-        let mut dims = l1.dims().to_vec();
+impl TypedOp3 for CudaLora {
+    const NAME: &'static str = "cuda-lora-linear";
+
+    fn run<T: Elem + CudaDType>(&self, cx: &Cx, ops: Operands<'_>) -> Result<(CudaStorage, Shape)> {
+        let mut dims = ops[0].1.dims().to_vec();
         let n = self.w.dim(0)?;
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
         let shape = Shape::from(dims);
-        let mut y = st.alloc_zeros::<T>(shape.elem_count()).map_err(driver)?;
-        self.with_operands::<T, _>(s1, l1, s2, l2, s3, l3, |l| {
-            launch::lora_fwd(&kern, &st, l, &mut y.slice_mut(..)).map_err(err)
+        let mut y = cx.zeros::<T>(shape.elem_count())?;
+        self.with_operands::<T, _>(ops, |l| {
+            launch::lora_fwd(&cx.kern, &cx.st, l, &mut y.slice_mut(..)).map_err(err)
         })?;
-        Ok((CudaStorage::wrap_cuda_slice(y, dev), shape))
+        Ok(cx.wrap(y, shape))
     }
 }
 
 impl CustomOp3 for CudaLora {
     fn name(&self) -> &'static str {
-        "cuda-lora-linear"
+        Self::NAME
     }
 
     fn cpu_fwd(
@@ -585,12 +604,7 @@ impl CustomOp3 for CudaLora {
         s3: &CudaStorage,
         l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        match s1.dtype() {
-            DType::F32 => self.fwd::<f32>(s1, l1, s2, l2, s3, l3),
-            DType::BF16 => self.fwd::<bf16>(s1, l1, s2, l2, s3, l3),
-            DType::F16 => self.fwd::<f16>(s1, l1, s2, l2, s3, l3),
-            dt => bail!("cuda-lora-linear: no kernel for {dt:?}"),
-        }
+        dispatch(self, s1, l1, s2, l2, s3, l3)
     }
 
     fn bwd(
@@ -615,14 +629,14 @@ impl CustomOp3 for CudaLora {
         } else {
             None
         };
-        let op = LoraGradAb {
+        let op = CudaOnly(LoraGradAb {
             fwd: CudaLora {
                 w: self.w.clone(),
                 b: self.b.clone(),
                 scale: self.scale,
             },
             g: g2,
-        };
+        });
         let packed = x2.apply_op3_no_bwd(a, bm, &op)?;
         let (na, nb) = (a.elem_count(), bm.elem_count());
         let da = a
@@ -643,71 +657,20 @@ struct LoraGradAb {
     g: Tensor,
 }
 
-impl LoraGradAb {
-    fn run<T: Elem + CudaDType>(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = s1.device().clone();
-        let st = dev.cuda_stream();
-        let kern = kernels(&st).map_err(err)?;
-        let (na, nb) = (l2.shape().elem_count(), l3.shape().elem_count());
-        let mut packed = st.alloc_zeros::<T>(na + nb).map_err(driver)?;
-        let (gs, gl) = self.g.storage_and_layout();
-        let Storage::Cuda(gc) = &*gs else {
-            bail!("cuda-lora-linear backward: gradient not on the CUDA device")
-        };
-        let (g, _) = view::<T>(gc, gl, "lora_linear gradient")?;
+impl TypedOp3 for LoraGradAb {
+    const NAME: &'static str = "cuda-lora-grad-ab";
+
+    fn run<T: Elem + CudaDType>(&self, cx: &Cx, ops: Operands<'_>) -> Result<(CudaStorage, Shape)> {
+        let (na, nb) = (ops[1].1.shape().elem_count(), ops[2].1.shape().elem_count());
+        let mut packed = cx.zeros::<T>(na + nb)?;
+        let gg = self.g.storage_and_layout();
+        let (g, _) = captured::<T>(&gg, "cuda-lora-linear backward: the output gradient")?;
         {
             let (mut da, mut db) = packed.split_at_mut(na);
-            self.fwd
-                .with_operands::<T, _>(s1, l1, s2, l2, s3, l3, |l| {
-                    launch::lora_bwd_ab(&kern, &st, l, &g, &mut da, &mut db).map_err(err)
-                })?;
+            self.fwd.with_operands::<T, _>(ops, |l| {
+                launch::lora_bwd_ab(&cx.kern, &cx.st, l, &g, &mut da, &mut db).map_err(err)
+            })?;
         }
-        Ok((
-            CudaStorage::wrap_cuda_slice(packed, dev),
-            Shape::from(na + nb),
-        ))
-    }
-}
-
-impl CustomOp3 for LoraGradAb {
-    fn name(&self) -> &'static str {
-        "cuda-lora-grad-ab"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("cuda-lora-grad-ab runs on CUDA only (the CPU backward is the fused CPU op's)")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        match s1.dtype() {
-            DType::F32 => self.run::<f32>(s1, l1, s2, l2, s3, l3),
-            DType::BF16 => self.run::<bf16>(s1, l1, s2, l2, s3, l3),
-            DType::F16 => self.run::<f16>(s1, l1, s2, l2, s3, l3),
-            dt => bail!("cuda-lora-grad-ab: no kernel for {dt:?}"),
-        }
+        Ok(cx.wrap(packed, Shape::from(na + nb)))
     }
 }
