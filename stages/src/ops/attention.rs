@@ -1,15 +1,18 @@
 //! Fused scaled-dot-product attention for CPU f32, with backward, GQA and an additive mask.
 //!
-//! Forward, per (batch, query head, query row): scores against every key, an exact stable
-//! softmax in a per-row scratch of `t` floats, and the weighted sum of values. The `[s, t]`
-//! probability matrix is never materialized (the point of flash attention), and backward
-//! recomputes each row's probabilities instead of storing them, so memory stays
-//! `O(b·h·s·d)` like the inputs.
+//! Forward, per (batch, query head) and tile of up to [`TILE`] query rows: the scores
+//! `scale · Q Kᵀ` as one GEMM into a per-thread `TILE × t` scratch, the mask and an exact
+//! stable softmax per row, then `P V` as a second GEMM. The probabilities of a whole head are
+//! never stored: backward recomputes each tile's (flash attention's trade), so memory stays
+//! `O(b·h·s·d)` like the inputs plus one tile per thread. The GEMMs are the `gemm` crate's
+//! (candle's own CPU matmul backend, AVX-512/FMA microkernels, one thread per call since
+//! heads are already spread over rayon): a per-row scalar dot product loop ran at a small
+//! fraction of that speed (profile in docs/model-bench.md).
 //!
 //! Masked keys: HF fills masked scores with `f32::MIN`. Adding any finite score of
-//! magnitude < 1e31 to `f32::MIN` rounds back to `f32::MIN` exactly, so for keys whose
-//! mask is `f32::MIN` (or `-inf`) the dot product is skipped and the score set to the mask
-//! value: bit-identical to computing it, and it halves the work of causal attention.
+//! magnitude < 1e31 to `f32::MIN` rounds back to `f32::MIN` exactly, so a key whose mask is
+//! `f32::MIN` (or `-inf`) gets the mask value itself as its score, bit-identical to adding
+//! it; its probability is then exactly 0 and contributes nothing to either GEMM.
 //!
 //! GQA: query head `h` reads KV head `h / (hq / hkv)`. Backward parallelizes over
 //! (batch, KV head) groups, so each task owns its query heads' `dq` and its `dk`, `dv`
@@ -78,26 +81,6 @@ impl Attention {
             &m.data[o..o + dm.t]
         })
     }
-
-    /// Softmax probabilities of query row `qr` against keys `k` (`[t, d]`) into `p`.
-    fn probs(&self, qr: &[f32], k: &[f32], mask: Option<&[f32]>, d: usize, p: &mut [f32]) {
-        for (j, pj) in p.iter_mut().enumerate() {
-            let m = mask.map_or(0.0, |m| m[j]);
-            *pj = if m == f32::MIN || m == f32::NEG_INFINITY {
-                m
-            } else {
-                dot(qr, &k[j * d..(j + 1) * d]) * self.scale + m
-            };
-        }
-        let mx = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut z = 0f32;
-        for pj in p.iter_mut() {
-            *pj = (*pj - mx).exp();
-            z += *pj;
-        }
-        let r = 1.0 / z;
-        p.iter_mut().for_each(|pj| *pj *= r);
-    }
 }
 
 /// Keys or values `[b, h, t, d]` for the forward: each (batch, head) block of `t × d` is
@@ -148,28 +131,95 @@ pub(crate) fn blocks_contiguous(l: &Layout) -> bool {
     }
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Four accumulators let the compiler vectorize without reassociating a single sum.
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
+/// Query rows per tile: bounds the score scratch to `TILE × t` floats per thread
+/// (a 2048-token prompt needs 1 MiB, not 16).
+const TILE: usize = 128;
+
+/// `dst[m, n] = (read_dst ? dst : 0) + beta · lhs[m, k] · rhs[k, n]`, all row-major with
+/// explicit strides: `(rs, cs)` = (row, column) stride of each operand. One thread (the
+/// caller parallelizes over heads); deterministic for given shapes.
+#[allow(clippy::too_many_arguments)]
+fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    read_dst: bool,
+    lhs: &[f32],
+    (lrs, lcs): (usize, usize),
+    rhs: &[f32],
+    (rrs, rcs): (usize, usize),
+    beta: f32,
+) {
+    if m == 0 || n == 0 {
+        return;
     }
-    let mut s = acc.iter().sum::<f32>();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+    // Bounds: every index the strides can reach lies inside its slice.
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(dst.len() > last(m, n, n, 1));
+    if k > 0 {
+        assert!(lhs.len() > last(m, k, lrs, lcs) && rhs.len() > last(k, n, rrs, rcs));
     }
-    s
+    // SAFETY: the asserts above keep every access in bounds; `dst` does not alias the
+    // inputs (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            read_dst,
+            lhs.as_ptr(),
+            lcs as isize,
+            lrs as isize,
+            rhs.as_ptr(),
+            rcs as isize,
+            rrs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
-#[inline]
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (yv, xv) in y.iter_mut().zip(x) {
-        *yv += alpha * xv;
+impl Attention {
+    /// Softmax probabilities of the query rows `q` (`[rows, d]`, starting at query row `i0`
+    /// of head `h`) against keys `k` (`[t, d]`) into `p` (`[rows, t]`): one GEMM for the
+    /// scores, then the mask and an exact stable softmax per row. A masked key's score is
+    /// set to the mask value itself (see the module docs: identical to adding it).
+    fn probs_tile(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        dm: Dims,
+        (bi, h, i0): (usize, usize, usize),
+        p: &mut [f32],
+    ) {
+        let (t, d) = (dm.t, dm.d);
+        let rows = q.len() / d.max(1);
+        mm((rows, t, d), p, false, q, (d, 1), k, (1, d), self.scale);
+        for (r, pr) in p.chunks_exact_mut(t).enumerate() {
+            if let Some(mask) = self.mask_row(dm, bi, h, i0 + r) {
+                for (pj, &m) in pr.iter_mut().zip(mask) {
+                    *pj = if m == f32::MIN || m == f32::NEG_INFINITY {
+                        m
+                    } else {
+                        *pj + m
+                    };
+                }
+            }
+            let mx = pr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut z = 0f32;
+            for pj in pr.iter_mut() {
+                *pj = (*pj - mx).exp();
+                z += *pj;
+            }
+            let inv = 1.0 / z;
+            pr.iter_mut().for_each(|pj| *pj *= inv);
+        }
     }
 }
 
@@ -197,19 +247,17 @@ impl CustomOp3 for Attention {
         let mut out = vec![0f32; q.len()];
         if s * d > 0 {
             out.par_chunks_mut(s * d).enumerate().for_each_init(
-                || vec![0f32; t],
+                || vec![0f32; TILE.min(s) * t],
                 |p, (bh, o)| {
                     let (bi, h) = (bh / hq, bh % hq);
                     let (kh, vh) = (k.block(bi, h / n_rep), v.block(bi, h / n_rep));
-                    for i in 0..s {
-                        let qr = &q[(bh * s + i) * d..(bh * s + i + 1) * d];
-                        self.probs(qr, kh, self.mask_row(dm, bi, h, i), d, p);
-                        let orow = &mut o[i * d..(i + 1) * d];
-                        for (j, &pj) in p.iter().enumerate() {
-                            if pj != 0.0 {
-                                axpy(pj, &vh[j * d..(j + 1) * d], orow);
-                            }
-                        }
+                    for i0 in (0..s).step_by(TILE) {
+                        let rows = TILE.min(s - i0);
+                        let qt = &q[(bh * s + i0) * d..(bh * s + i0 + rows) * d];
+                        let pt = &mut p[..rows * t];
+                        self.probs_tile(qt, kh, dm, (bi, h, i0), pt);
+                        let ot = &mut o[i0 * d..(i0 + rows) * d];
+                        mm((rows, d, t), ot, false, pt, (t, 1), vh, (d, 1), 1.0);
                     }
                 },
             );
@@ -238,11 +286,12 @@ impl CustomOp3 for Attention {
                         let mut dk = vec![0f32; k.len()];
                         let mut dv = vec![0f32; v.len()];
                         if s * d > 0 && t * d > 0 {
+                            let tile = TILE.min(s) * t;
                             dq.par_chunks_mut(n_rep * s * d)
                                 .zip(dk.par_chunks_mut(t * d).zip(dv.par_chunks_mut(t * d)))
                                 .enumerate()
                                 .for_each_init(
-                                    || (vec![0f32; t], vec![0f32; t]),
+                                    || (vec![0f32; tile], vec![0f32; tile]),
                                     |(p, dp), (grp, (dqg, (dkg, dvg)))| {
                                         let (bi, kvh) = (grp / hkv, grp % hkv);
                                         let kvo = grp * t * d;
@@ -250,37 +299,70 @@ impl CustomOp3 for Attention {
                                         for r in 0..n_rep {
                                             let h = kvh * n_rep + r;
                                             let bh = bi * hq + h;
-                                            for i in 0..s {
-                                                let row = (bh * s + i) * d;
-                                                let (qr, gr) = (&q[row..row + d], &g[row..row + d]);
-                                                self.probs(
-                                                    qr,
-                                                    kh,
-                                                    self.mask_row(dm, bi, h, i),
-                                                    d,
-                                                    p,
+                                            for i0 in (0..s).step_by(TILE) {
+                                                let rows = TILE.min(s - i0);
+                                                let span =
+                                                    (bh * s + i0) * d..(bh * s + i0 + rows) * d;
+                                                let (qt, gt) = (&q[span.clone()], &g[span]);
+                                                let (p, dp) =
+                                                    (&mut p[..rows * t], &mut dp[..rows * t]);
+                                                self.probs_tile(qt, kh, dm, (bi, h, i0), p);
+                                                // dP = G Vᵀ; dS = P ∘ (dP − rowsum(P ∘ dP)) · scale
+                                                mm(
+                                                    (rows, t, d),
+                                                    dp,
+                                                    false,
+                                                    gt,
+                                                    (d, 1),
+                                                    vh,
+                                                    (1, d),
+                                                    1.0,
                                                 );
-                                                // dp_j = g·v_j ; D = Σ p_j dp_j ; ds_j = p_j (dp_j − D)
-                                                let mut big_d = 0f32;
-                                                for j in 0..t {
-                                                    dp[j] = if p[j] != 0.0 {
-                                                        dot(gr, &vh[j * d..(j + 1) * d])
-                                                    } else {
-                                                        0.0
-                                                    };
-                                                    big_d += p[j] * dp[j];
-                                                }
-                                                let dqr =
-                                                    &mut dqg[(r * s + i) * d..(r * s + i + 1) * d];
-                                                for j in 0..t {
-                                                    if p[j] == 0.0 {
-                                                        continue;
+                                                for (pr, dr) in
+                                                    p.chunks_exact(t).zip(dp.chunks_exact_mut(t))
+                                                {
+                                                    let big_d: f32 = pr
+                                                        .iter()
+                                                        .zip(dr.iter())
+                                                        .map(|(a, b)| a * b)
+                                                        .sum();
+                                                    for (x, &pj) in dr.iter_mut().zip(pr) {
+                                                        *x = pj * (*x - big_d) * self.scale;
                                                     }
-                                                    let ds = p[j] * (dp[j] - big_d) * self.scale;
-                                                    axpy(ds, &kh[j * d..(j + 1) * d], dqr);
-                                                    axpy(ds, qr, &mut dkg[j * d..(j + 1) * d]);
-                                                    axpy(p[j], gr, &mut dvg[j * d..(j + 1) * d]);
                                                 }
+                                                let dqt = &mut dqg
+                                                    [(r * s + i0) * d..(r * s + i0 + rows) * d];
+                                                // dQ = dS K; dK += dSᵀ Q; dV += Pᵀ G
+                                                mm(
+                                                    (rows, d, t),
+                                                    dqt,
+                                                    false,
+                                                    dp,
+                                                    (t, 1),
+                                                    kh,
+                                                    (d, 1),
+                                                    1.0,
+                                                );
+                                                mm(
+                                                    (t, d, rows),
+                                                    dkg,
+                                                    true,
+                                                    dp,
+                                                    (1, t),
+                                                    qt,
+                                                    (d, 1),
+                                                    1.0,
+                                                );
+                                                mm(
+                                                    (t, d, rows),
+                                                    dvg,
+                                                    true,
+                                                    p,
+                                                    (1, t),
+                                                    gt,
+                                                    (d, 1),
+                                                    1.0,
+                                                );
                                             }
                                         }
                                     },

@@ -183,6 +183,40 @@ fn fused_attention_matches_reference_gqa_causal_padded() {
 }
 
 #[test]
+fn fused_attention_tiles_long_queries_and_a_strided_cache_view() {
+    // s > the kernel's 128-row tile: the second tile must see its own mask rows and add
+    // into the same dK, dV as the first.
+    let (b, hq, hkv, s, t, d) = (1, 2, 1, 131, 133, 8);
+    let ins = [
+        randn(&[b, hq, s, d], 21),
+        randn(&[b, hkv, t, d], 22),
+        randn(&[b, hkv, t, d], 23),
+    ];
+    let mask = causal_mask(b, s, t, &[3]);
+    check(
+        "attention two tiles",
+        &ins,
+        |x| attention(&x[0], &x[1], &x[2], Some(&mask), 0.35).unwrap(),
+        |x| reference::attention(&x[0], &x[1], &x[2], Some(&mask), 0.35).unwrap(),
+    );
+    // Keys/values read through a prefix view of a larger buffer (the KV cache layout).
+    let kb = randn(&[1, 2, 9, 8], 24);
+    let vb = randn(&[1, 2, 9, 8], 25);
+    let (k, v) = (kb.narrow(2, 0, 6).unwrap(), vb.narrow(2, 0, 6).unwrap());
+    let q = randn(&[1, 2, 1, 8], 26);
+    let got = attention(&q, &k, &v, None, 0.5).unwrap();
+    let want = reference::attention(
+        &q,
+        &k.contiguous().unwrap(),
+        &v.contiguous().unwrap(),
+        None,
+        0.5,
+    )
+    .unwrap();
+    close("strided kv", &got, &want, 1e-5);
+}
+
+#[test]
 fn fully_masked_rows_are_uniform_like_hf() {
     // A left-pad query row that sees nothing: HF (f32::MIN fill) yields the mean of values.
     let (q, k, v) = (
