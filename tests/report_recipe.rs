@@ -6,63 +6,15 @@
 //! and that a second run is fully cached.
 #![cfg(feature = "ml")]
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod support;
 
-fn pipeline(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .current_dir(dir)
-        .env_remove("PIPELINE_CACHE_DIR")
-        .env_remove("PIPELINE_RUNS_DIR")
-        .args(args)
-        .args(["--cache-dir", ".cache", "--runs-dir", "runs"])
-        .output()
-        .unwrap()
-}
+use support::{coin_chain, pipeline, read_json};
 
-const RECIPE: &str = r#"[experiment]
-name = "rep"
-seed = 3
-
-[vars]
-tasks = ["ScienceQA", "GQA"]
-
-[stages.coin]
-kind = "data.synth-coin"
-per_task = { train = 4, test = 3 }
-pretrain = 8
-
-[stages.tokenizer]
-kind = "tokenizer.train"
-data = "@coin"
-
-[stages.base]
-kind = "train.pretrain"
-data = "@coin"
-tokenizer = "@tokenizer"
-steps = 1
-batch_size = 2
-
-[stages.task]
-kind = "train.lora"
-foreach = "tasks"
-chain = "base"
-base = "@base"
-data = "@coin"
-task = "{item}"
-rank = 2
-steps = 2
-batch_size = 2
-
-[stages.eval]
-kind = "eval.coin"
-foreach = "tasks"
-model = "@task/{item}"
-data = "@coin"
-upto = "{item}"
-max_new_tokens = 4
-batch_size = 3
-
+/// The chain (two LoRA steps per task, so that the loss curves have two points), then the
+/// labelled metrics with the models' training logs and a report.
+fn recipe() -> String {
+    coin_chain("rep", 3, 2)
+        + r#"
 [stages.metrics]
 kind = "eval.cl-metrics"
 evals = "@eval/*"
@@ -73,12 +25,13 @@ label = "LoRA"
 kind = "report"
 metrics = ["@metrics"]
 title = "Two tasks"
-"#;
+"#
+}
 
 #[test]
 fn subset_chain_reports_in_training_order_and_caches() {
     let t = tempfile::tempdir().unwrap();
-    std::fs::write(t.path().join("r.toml"), RECIPE).unwrap();
+    std::fs::write(t.path().join("r.toml"), recipe()).unwrap();
     let out = pipeline(t.path(), &["run", "r.toml"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -86,14 +39,10 @@ fn subset_chain_reports_in_training_order_and_caches() {
 
     // The evaluation after GQA scored ScienceQA..GQA (four tasks in dataset order); the
     // matrix still has GQA, not TextVQA, as its second task.
-    let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(runs.join("metrics/metrics/metrics.json")).unwrap())
-            .unwrap();
+    let m = read_json(&runs.join("metrics/metrics/metrics.json"));
     assert_eq!(m["tasks"], serde_json::json!(["ScienceQA", "GQA"]), "{m}");
     assert_eq!(m["label"], "LoRA");
-    let s1: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(runs.join("eval/GQA/metrics/scores.json")).unwrap())
-            .unwrap();
+    let s1 = read_json(&runs.join("eval/GQA/metrics/scores.json"));
     assert_eq!(s1["order"].as_array().map(Vec::len), Some(4), "{s1}");
     assert_eq!(
         m["matrix"][1][1].as_f64(),
@@ -101,12 +50,8 @@ fn subset_chain_reports_in_training_order_and_caches() {
     );
 
     // losses.json holds each model's training log, in task order.
-    let losses: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(runs.join("metrics/metrics/losses.json")).unwrap())
-            .unwrap();
-    let log: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(runs.join("task/GQA/model/train_log.json")).unwrap())
-            .unwrap();
+    let losses = read_json(&runs.join("metrics/metrics/losses.json"));
+    let log = read_json(&runs.join("task/GQA/model/train_log.json"));
     assert_eq!(losses[1]["task"], "GQA");
     assert_eq!(losses[1]["steps"], serde_json::json!([1, 2]));
     assert_eq!(losses[1]["loss"][1], log[1]["loss"], "{losses} vs {log}");

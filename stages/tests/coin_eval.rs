@@ -4,12 +4,10 @@
 //! shards resumes to the same bytes as an uninterrupted one, task selection (`upto`), and the
 //! metrics kind on hand-written scores.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use engine::stage::{NoProgress, Progress, Resources, StageCtx, StageError, StageKind};
+use engine::stage::{StageError, StageKind};
 use serde_json::{Value, json};
 use stages::data::coin::{DatasetInfo, TASKS, read_test};
 use stages::eval::coin_score::{Rule, TaskScore};
@@ -17,21 +15,12 @@ use stages::kinds::cl_metrics::{ClMetrics, ClMetricsKind};
 use stages::kinds::coin_data::SynthCoin;
 use stages::kinds::coin_eval::{CoinScores, EvalCoin, Prediction};
 
-/// Cancels the run once `at` progress units are done (a simulated kill).
-struct StopAt {
-    at: u64,
-    flag: Arc<AtomicBool>,
-}
-impl Progress for StopAt {
-    fn progress(&self, done: u64, _: u64, _: &str) {
-        if done >= self.at {
-            self.flag.store(true, Ordering::Relaxed);
-        }
-    }
-}
+mod support;
 
-/// Runs `kind` in `work` (outputs under `work/out`, checkpoints in `work/ckpt`); returns the
-/// first output's directory and the log.
+use support::{How, run_kind, single, tree};
+
+/// Runs `kind` in `work` as stage `eval/test` (seed 11); returns the first output's
+/// directory and the log.
 fn run_with(
     kind: &dyn StageKind,
     work: &Path,
@@ -39,64 +28,17 @@ fn run_with(
     inputs: &[(&str, Vec<PathBuf>)],
     stop_at: Option<u64>,
 ) -> Result<(PathBuf, String), StageError> {
-    let out_dir = work.join("out");
-    let ckpt = work.join("ckpt");
-    for o in kind.outputs(&params) {
-        std::fs::create_dir_all(out_dir.join(o.name)).unwrap();
-    }
-    std::fs::create_dir_all(&ckpt).unwrap();
-    let inputs: BTreeMap<String, Vec<PathBuf>> = inputs
-        .iter()
-        .map(|(k, p)| ((*k).to_string(), p.clone()))
-        .collect();
-    let mut full = serde_json::Map::new();
-    for s in kind.params() {
-        if let Some(d) = s.default {
-            full.insert(s.name.to_string(), d);
-        }
-    }
-    for (k, v) in params.as_object().unwrap() {
-        full.insert(k.clone(), v.clone());
-    }
-    for (k, p) in &inputs {
-        let v = if p.len() == 1 && k != "evals" {
-            json!(p[0].to_str().unwrap())
-        } else {
-            json!(p.iter().map(|x| x.to_str().unwrap()).collect::<Vec<_>>())
-        };
-        full.insert(k.clone(), v);
-    }
-    let params = Value::Object(full);
-    let cancel = Arc::new(AtomicBool::new(false));
-    let stop = stop_at.map(|at| StopAt {
-        at,
-        flag: cancel.clone(),
-    });
-    let mut log = Vec::new();
-    let mut ctx = StageCtx {
+    let how = How {
         name: "eval/test",
-        recipe_dir: work,
-        params: &params,
-        inputs: &inputs,
-        out_dir: &out_dir,
-        checkpoint_dir: &ckpt,
         seed: 11,
-        cancel,
-        progress: stop.as_ref().map_or(&NoProgress as &dyn Progress, |s| s),
-        log: &mut log,
-        resources: Resources::default(),
+        stop_at,
+        lists: &["evals"],
     };
-    kind.run(&mut ctx)?;
-    let first = kind.outputs(&params)[0].name;
-    Ok((out_dir.join(first), String::from_utf8(log).unwrap()))
+    run_kind(kind, work, params, inputs, how)
 }
 
 fn run(kind: &dyn StageKind, work: &Path, params: Value, inputs: &[(&str, &Path)]) -> PathBuf {
-    let inputs: Vec<(&str, Vec<PathBuf>)> = inputs
-        .iter()
-        .map(|(k, p)| (*k, vec![p.to_path_buf()]))
-        .collect();
-    run_with(kind, work, params, &inputs, None)
+    run_with(kind, work, params, &single(inputs), None)
         .unwrap_or_else(|e| panic!("{} fails: {e}", kind.kind()))
         .0
 }
@@ -113,24 +55,6 @@ fn base(root: &Path) -> (PathBuf, PathBuf) {
     );
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llava-tiny");
     (data, model)
-}
-
-fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    walk(dir, dir)
-}
-
-fn walk(root: &Path, dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(root, &p));
-        } else {
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            out.insert(rel, std::fs::read(&p).unwrap());
-        }
-    }
-    out
 }
 
 const EVAL: &str = r#"{"shard_size": 2, "batch_size": 2, "max_new_tokens": 6}"#;
@@ -214,7 +138,7 @@ fn eval_coin_writes_predictions_and_scores_and_resumes_to_the_same_bytes() {
     let work = root.path().join("b");
     let err = run_with(&EvalCoin, &work, params.clone(), &inputs, Some(5)).unwrap_err();
     assert!(matches!(err, StageError::Cancelled), "{err}");
-    let shards = walk(&work.join("ckpt"), &work.join("ckpt"));
+    let shards = tree(&work.join("ckpt"));
     assert_eq!(shards.len(), 5, "{:?}", shards.keys().collect::<Vec<_>>());
     std::fs::remove_dir_all(work.join("out")).unwrap();
     let (resumed, log) = run_with(&EvalCoin, &work, params, &inputs, None).unwrap();

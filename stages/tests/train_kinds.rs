@@ -4,13 +4,10 @@
 //! and accumulate by concatenation, and that a run stopped mid-training resumes to the same
 //! bytes as an uninterrupted one.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{DType, Device};
-use engine::stage::{NoProgress, Progress, Resources, StageCtx, StageError, StageKind};
+use engine::stage::{StageError, StageKind};
 use serde_json::{Value, json};
 use stages::kinds::coin_data::SynthCoin;
 use stages::kinds::train_kinds::{KEY_ELEMENTS_FILE, LoraTrain, Pretrain, TokenizerTrain};
@@ -18,20 +15,11 @@ use stages::model::tokenizer::LlavaTokenizer;
 use stages::model::{Llava, LoraConfig};
 use stages::train::reglora::KeyElements;
 
-/// Cancels the run once `at` steps are done (a simulated kill).
-struct StopAt {
-    at: u64,
-    flag: Arc<AtomicBool>,
-}
-impl Progress for StopAt {
-    fn progress(&self, done: u64, _: u64, _: &str) {
-        if done >= self.at {
-            self.flag.store(true, Ordering::Relaxed);
-        }
-    }
-}
+mod support;
 
-/// Runs `kind` in `work` (outputs under `work/out/<name>`, checkpoints in `work/ckpt`).
+use support::{How, run_kind, single, tree};
+
+/// Runs `kind` in `work` as a stage named after the kind.
 fn run_with(
     kind: &dyn StageKind,
     work: &Path,
@@ -40,52 +28,13 @@ fn run_with(
     seed: u64,
     stop_at: Option<u64>,
 ) -> Result<(PathBuf, String), StageError> {
-    let out_dir = work.join("out");
-    let ckpt = work.join("ckpt");
-    for o in kind.outputs(&params) {
-        std::fs::create_dir_all(out_dir.join(o.name)).unwrap();
-    }
-    std::fs::create_dir_all(&ckpt).unwrap();
-    let inputs: BTreeMap<String, Vec<PathBuf>> = inputs
-        .iter()
-        .map(|(k, p)| ((*k).to_string(), vec![p.to_path_buf()]))
-        .collect();
-    // Fill defaults the way the recipe layer does.
-    let mut full = serde_json::Map::new();
-    for s in kind.params() {
-        if let Some(d) = s.default {
-            full.insert(s.name.to_string(), d);
-        }
-    }
-    for (k, v) in params.as_object().unwrap() {
-        full.insert(k.clone(), v.clone());
-    }
-    for (k, p) in &inputs {
-        full.insert(k.clone(), json!(p[0].to_str().unwrap()));
-    }
-    let params = Value::Object(full);
-    let cancel = Arc::new(AtomicBool::new(false));
-    let stop = stop_at.map(|at| StopAt {
-        at,
-        flag: cancel.clone(),
-    });
-    let mut log = Vec::new();
-    let mut ctx = StageCtx {
+    let how = How {
         name: kind.kind(),
-        recipe_dir: work,
-        params: &params,
-        inputs: &inputs,
-        out_dir: &out_dir,
-        checkpoint_dir: &ckpt,
         seed,
-        cancel,
-        progress: stop.as_ref().map_or(&NoProgress as &dyn Progress, |s| s),
-        log: &mut log,
-        resources: Resources::default(),
+        stop_at,
+        lists: &[],
     };
-    kind.run(&mut ctx)?;
-    let first = kind.outputs(&params)[0].name;
-    Ok((out_dir.join(first), String::from_utf8(log).unwrap()))
+    run_kind(kind, work, params, &single(inputs), how)
 }
 
 fn run(kind: &dyn StageKind, work: &Path, params: Value, inputs: &[(&str, &Path)]) -> PathBuf {
@@ -115,19 +64,6 @@ fn base(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
         &[("data", &data), ("tokenizer", &tok)],
     );
     (data, tok, model)
-}
-
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect()
 }
 
 #[test]
@@ -245,7 +181,7 @@ fn chain_writes_loadable_dirs_and_accumulates_key_elements() {
         "older set comes last, unchanged"
     );
     assert_eq!(
-        files(&t2.parent().unwrap().join("key_elements"))[KEY_ELEMENTS_FILE],
+        tree(&t2.parent().unwrap().join("key_elements"))[KEY_ELEMENTS_FILE],
         std::fs::read(t2.join(KEY_ELEMENTS_FILE)).unwrap()
     );
 
@@ -300,7 +236,7 @@ fn interrupted_training_resumes_to_identical_bytes() {
     std::fs::remove_dir_all(work.join("out")).unwrap();
     let (resumed, log) = run_with(&LoraTrain, &work, params, &inputs, 9, None).unwrap();
     assert!(log.contains("resuming at 2"), "{log}");
-    assert_eq!(files(&straight), files(&resumed));
-    let adapter = |d: &Path| files(&d.parent().unwrap().join("adapter"));
+    assert_eq!(tree(&straight), tree(&resumed));
+    let adapter = |d: &Path| tree(&d.parent().unwrap().join("adapter"));
     assert_eq!(adapter(&straight), adapter(&resumed));
 }
