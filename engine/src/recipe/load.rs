@@ -1,7 +1,8 @@
 //! Reading recipe files: TOML parsing, `extends` and `include`.
 //!
 //! A file is parsed with `toml`'s span-preserving parser (recovering, so every syntax error of
-//! a file is reported at once) and converted to the recipe's own spanned tree. Then its
+//! a file is reported at once; a long file in parallel pieces, see `parse.rs`) and converted
+//! to the recipe's own spanned tree. Then its
 //! `[experiment]` table may name other files, relative to the file naming them:
 //!
 //! - `extends = "base.toml"`: inheritance. The parent is loaded first; the child overrides it
@@ -18,11 +19,9 @@
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use toml::de::DeTable;
-
 use super::Ctx;
 use super::error::{Label, did_you_mean, one_of};
-use super::value::{Entry, Loc, Node, Table, V, from_de_table};
+use super::value::{Entry, Loc, Node, Table, V};
 
 /// One recipe document after merging: `[experiment]` (without `extends`/`include`), `[vars]`
 /// and `[stages]` (each value a table).
@@ -89,22 +88,23 @@ fn load_file(path: PathBuf, from: Option<Loc>, ctx: &mut Ctx, stack: &mut Stack)
     let src = ctx
         .sources
         .add(path.display().to_string(), Arc::clone(&text));
-    let (table, errors) = DeTable::parse_recoverable(&text);
-    if !errors.is_empty() {
-        for e in errors {
-            let span = e.span().unwrap_or(0..0);
-            let loc = Loc::new(src, span);
-            ctx.err(
-                "toml_syntax",
-                loc,
-                "here",
-                format!("invalid TOML: {}", e.message().trim_end()),
-                Some("see https://toml.io for the syntax".to_string()),
-            );
+    let top = match super::parse::parse(src, &text) {
+        Ok(top) => top,
+        Err(errors) => {
+            for e in errors {
+                let span = e.span().unwrap_or(0..0);
+                let loc = Loc::new(src, span);
+                ctx.err(
+                    "toml_syntax",
+                    loc,
+                    "here",
+                    format!("invalid TOML: {}", e.message().trim_end()),
+                    Some("see https://toml.io for the syntax".to_string()),
+                );
+            }
+            return None;
         }
-        return None;
-    }
-    let top = from_de_table(src, 0, table.get_ref());
+    };
 
     stack.push((canonical, path.clone()));
     let doc = split_file(top, &path, ctx, stack);
@@ -145,28 +145,9 @@ fn split_file(top: Table, path: &Path, ctx: &mut Ctx, stack: &mut Stack) -> Doc 
         }
     }
     // A stage must be a table; reject anything else here so later phases can assume it.
-    let mut stages = Table::default();
-    for e in std::mem::take(&mut own.stages).into_entries() {
-        if matches!(e.val.v, V::Table(_)) {
-            stages.insert(e);
-        } else {
-            ctx.err(
-                "bad_value",
-                e.val.loc,
-                "expected a table",
-                format!(
-                    "stage `{}` must be a table, got {}",
-                    e.key,
-                    e.val.v.type_name()
-                ),
-                Some(format!(
-                    "write `[stages.{}]` followed by `kind = \"...\"`",
-                    e.key
-                )),
-            );
-        }
+    if own.stages.iter().any(|e| !matches!(e.val.v, V::Table(_))) {
+        own.stages = only_tables(std::mem::take(&mut own.stages), ctx);
     }
-    own.stages = stages;
 
     let dir = path.parent().unwrap_or_else(|| Path::new(""));
     let mut base = Doc::default();
@@ -232,6 +213,32 @@ fn split_file(top: Table, path: &Path, ctx: &mut Ctx, stack: &mut Stack) -> Doc 
     base
 }
 
+/// The stage entries that are tables; each other one is reported.
+fn only_tables(all: Table, ctx: &mut Ctx) -> Table {
+    let mut stages = Table::default();
+    for e in all.into_entries() {
+        if matches!(e.val.v, V::Table(_)) {
+            stages.insert(e);
+        } else {
+            ctx.err(
+                "bad_value",
+                e.val.loc,
+                "expected a table",
+                format!(
+                    "stage `{}` must be a table, got {}",
+                    e.key,
+                    e.val.v.type_name()
+                ),
+                Some(format!(
+                    "write `[stages.{}]` followed by `kind = \"...\"`",
+                    e.key
+                )),
+            );
+        }
+    }
+    stages
+}
+
 /// Merge an included document: new vars and stages are added, existing ones are duplicates;
 /// its `[experiment]` keys only fill what is not set yet.
 fn merge_include(base: &mut Doc, inc: Doc, ctx: &mut Ctx) {
@@ -268,6 +275,12 @@ fn merge_include(base: &mut Doc, inc: Doc, ctx: &mut Ctx) {
 
 /// Merge the including/extending file's own content over `base`, key by key.
 fn merge_override(base: &mut Doc, own: Doc) {
+    // A file that extends and includes nothing merges into an empty document: its tables
+    // are taken whole (re-inserting 10,000 stages one by one was a visible part of a load).
+    if base.experiment.len() == 0 && base.vars.len() == 0 && base.stages.len() == 0 {
+        *base = own;
+        return;
+    }
     for e in own.experiment.into_entries() {
         base.experiment.insert(e);
     }

@@ -50,7 +50,8 @@
 //!
 //! ## Phases
 //! 1. `load`: parse the file and everything it `extends`/`include`s into one spanned document
-//!    (`value.rs` keeps a source + byte span on every value).
+//!    (`value.rs` keeps a source + byte span on every value; `parse.rs` parses a long file in
+//!    parallel pieces).
 //! 2. `overrides`: apply `--set path=value` (the command line is a source of its own).
 //! 3. `expand`: per stage, look up the kind, expand `foreach`/`matrix` into concrete stages
 //!    (`task/GQA`, `sweep/method=lora,lr=0.0001`), substitute `{item}`/`{index}`/`{<dim>}`,
@@ -79,6 +80,7 @@ mod items;
 mod load;
 mod overrides;
 mod params;
+mod parse;
 mod reserved;
 mod resolve;
 mod template;
@@ -188,6 +190,13 @@ pub fn load(path: &Path, overrides: &[String], registry: &Registry) -> Result<Re
         .unwrap_or_default();
     let (experiment, seed) = experiment::experiment(&doc, &stem, &mut ctx);
     let expanded = expand::expand(&doc, registry, &mut ctx);
+    // The document is not needed past expansion. Freeing a large one is thousands of small
+    // `free`s: done on another thread while resolution goes on.
+    if doc.stages.len() >= FREE_ASIDE {
+        rayon::spawn(move || drop(doc));
+    } else {
+        drop(doc);
+    }
     let stages = resolve::resolve(expanded, &mut ctx);
     if !ctx.diags.is_empty() {
         return Err(ctx.diags.into_error(display));
@@ -205,6 +214,9 @@ pub fn load(path: &Path, overrides: &[String], registry: &Registry) -> Result<Re
         stages,
     })
 }
+
+/// Documents with at least this many stage tables are freed on a rayon thread.
+const FREE_ASIDE: usize = 512;
 
 /// Shared state of one load: the sources read so far, the problems found, the files read.
 #[derive(Default)]

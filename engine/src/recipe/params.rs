@@ -28,7 +28,11 @@ pub(crate) fn check_params(
     ctx: &mut Ctx,
 ) -> bool {
     let mut ok = true;
-    let kind = p.kind_name.clone();
+    // Values by schema position: the canonical object is built once, in schema order, at
+    // the end, so it never depends on how the recipe was written.
+    let mut values: Vec<Option<Value>> = vec![None; specs.len()];
+    // Taken, not cloned (once per expansion), and put back below.
+    let kind = std::mem::take(&mut p.kind_name);
     for e in t.iter() {
         if RESERVED.contains(&e.key.as_str()) {
             continue;
@@ -36,7 +40,7 @@ pub(crate) fn check_params(
         if set.iter().any(|(c, _)| *c == e.key) {
             continue;
         }
-        let Some(spec) = specs.iter().find(|s| s.name == e.key) else {
+        let Some(at) = specs.iter().position(|s| s.name == e.key) else {
             let names = specs.iter().map(|s| s.name).chain(RESERVED);
             let help = did_you_mean(&e.key, names).unwrap_or_else(|| {
                 format!("`{kind}` takes {}", one_of(specs.iter().map(|s| s.name)))
@@ -51,6 +55,7 @@ pub(crate) fn check_params(
             ok = false;
             continue;
         };
+        let spec = &specs[at];
         let mut c = Checker {
             ctx,
             subs,
@@ -61,14 +66,13 @@ pub(crate) fn check_params(
             many: false,
         };
         match c.check(&e.val, &spec.ty, &mut Vec::new()) {
-            Some(v) => {
-                p.params.insert(spec.name.to_string(), v);
-            }
+            Some(v) => values[at] = Some(v),
             None => ok = false,
         }
     }
     for (param, node) in set {
-        if let Some(spec) = specs.iter().find(|s| s.name == *param) {
+        if let Some(at) = specs.iter().position(|s| s.name == *param) {
+            let spec = &specs[at];
             let mut c = Checker {
                 ctx,
                 subs,
@@ -79,15 +83,13 @@ pub(crate) fn check_params(
                 many: false,
             };
             match c.check(node, &spec.ty, &mut Vec::new()) {
-                Some(v) => {
-                    p.params.insert(spec.name.to_string(), v);
-                }
+                Some(v) => values[at] = Some(v),
                 None => ok = false,
             }
         }
     }
-    for spec in specs {
-        if p.params.contains_key(spec.name) {
+    for (spec, value) in specs.iter().zip(values.iter_mut()) {
+        if value.is_some() {
             continue;
         }
         // A parameter the recipe (or `set`) gave a value that failed its check is reported
@@ -96,9 +98,7 @@ pub(crate) fn check_params(
             continue;
         }
         match &spec.default {
-            Some(d) => {
-                p.params.insert(spec.name.to_string(), d.clone());
-            }
+            Some(d) => *value = Some(d.clone()),
             None => {
                 ctx.err(
                     "missing_param",
@@ -119,14 +119,14 @@ pub(crate) fn check_params(
             }
         }
     }
-    // Keep the canonical object in schema order, independent of how the recipe was written.
-    let mut ordered = Map::with_capacity(p.params.len());
-    for spec in specs {
-        if let Some(v) = p.params.remove(spec.name) {
-            ordered.insert(spec.name.to_string(), v);
+    let mut params = Map::with_capacity(specs.len());
+    for (spec, value) in specs.iter().zip(values) {
+        if let Some(v) = value {
+            params.insert(spec.name.to_string(), v);
         }
     }
-    p.params = ordered;
+    p.params = params;
+    p.kind_name = kind;
     ok
 }
 

@@ -46,24 +46,8 @@ pub(crate) fn resolve(expanded: Expanded, ctx: &mut Ctx) -> Vec<StageNode> {
         quiet,
         ..
     } = expanded;
-    let mut names: HashMap<String, usize> = HashMap::with_capacity(pending.len());
-    let mut bases: HashMap<String, Vec<usize>> = HashMap::new();
-    for (i, p) in pending.iter().enumerate() {
-        if names.contains_key(&p.name) {
-            ctx.err(
-                "duplicate_stage",
-                p.name_loc,
-                "defined again here",
-                format!("stage `{}` is defined twice", p.name),
-                Some("each stage (and each `foreach` item) needs a distinct name".to_string()),
-            );
-            continue;
-        }
-        names.insert(p.name.clone(), i);
-        if p.expanded {
-            bases.entry(p.base.clone()).or_default().push(i);
-        }
-    }
+    // Outputs first (lending each stage's params to its kind needs `&mut`), so that the
+    // name maps below can borrow the names instead of copying 10,000 of them.
     let outputs: Vec<Option<Vec<OutputSpec>>> = pending
         .iter_mut()
         .map(|p| {
@@ -77,6 +61,24 @@ pub(crate) fn resolve(expanded: Expanded, ctx: &mut Ctx) -> Vec<StageNode> {
             Some(outs)
         })
         .collect();
+    let mut names: HashMap<&str, usize> = HashMap::with_capacity(pending.len());
+    let mut bases: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, p) in pending.iter().enumerate() {
+        if names.contains_key(p.name.as_str()) {
+            ctx.err(
+                "duplicate_stage",
+                p.name_loc,
+                "defined again here",
+                format!("stage `{}` is defined twice", p.name),
+                Some("each stage (and each `foreach` item) needs a distinct name".to_string()),
+            );
+            continue;
+        }
+        names.insert(p.name.as_str(), i);
+        if p.expanded {
+            bases.entry(p.base.as_str()).or_default().push(i);
+        }
+    }
     let r = Resolver {
         names: &names,
         bases: &bases,
@@ -94,14 +96,21 @@ pub(crate) fn resolve(expanded: Expanded, ctx: &mut Ctx) -> Vec<StageNode> {
         let mut edges = Vec::new();
         let mut ins = Vec::new();
         let mut rw = Vec::new();
-        let mut position: HashMap<&str, usize> = HashMap::new();
+        // Inputs counted per parameter; a stage has a handful of parameters, so a scan.
+        let mut position: Vec<(&str, usize)> = Vec::new();
         for (k, rf) in p.refs.iter().enumerate() {
             let Some(targets) = r.resolve_ref(rf, ctx) else {
                 continue;
             };
             let mut texts = Vec::with_capacity(targets.len());
             for (stage, output, written) in targets {
-                let pos = position.entry(rf.param.as_str()).or_insert(0);
+                let pos = match position.iter_mut().find(|(p, _)| *p == rf.param) {
+                    Some((_, n)) => n,
+                    None => {
+                        position.push((rf.param.as_str(), 0));
+                        &mut position.last_mut().expect("just pushed").1
+                    }
+                };
                 ins.push(Input {
                     param: rf.param.clone(),
                     stage,
@@ -130,18 +139,9 @@ pub(crate) fn resolve(expanded: Expanded, ctx: &mut Ctx) -> Vec<StageNode> {
         if ins.len() > 1 {
             // Inputs follow the schema's parameter order (the canonical params are in that
             // order; chained and swept values were checked after the recipe's own keys).
-            let rank: HashMap<&str, usize> = p
-                .params
-                .keys()
-                .enumerate()
-                .map(|(i, k)| (k.as_str(), i))
-                .collect();
-            ins.sort_by_key(|i| {
-                (
-                    rank.get(i.param.as_str()).copied().unwrap_or(usize::MAX),
-                    i.position,
-                )
-            });
+            // A stage has a handful of parameters: their rank is found by a scan.
+            let rank = |param: &str| p.params.keys().position(|k| k == param);
+            ins.sort_by_cached_key(|i| (rank(&i.param).unwrap_or(usize::MAX), i.position));
         }
         preds.push(edges);
         inputs.push(ins);
@@ -196,8 +196,8 @@ pub(crate) fn resolve(expanded: Expanded, ctx: &mut Ctx) -> Vec<StageNode> {
 }
 
 struct Resolver<'a> {
-    names: &'a HashMap<String, usize>,
-    bases: &'a HashMap<String, Vec<usize>>,
+    names: &'a HashMap<&'a str, usize>,
+    bases: &'a HashMap<&'a str, Vec<usize>>,
     /// Stages whose expansion failed (already reported): references to them stay silent.
     broken: &'a HashSet<String>,
     /// Places of generated references whose problem is already reported (`chain` links).
@@ -380,7 +380,7 @@ impl Resolver<'_> {
             );
             return;
         }
-        let bases = self.bases.keys().map(String::as_str);
+        let bases = self.bases.keys().copied();
         let plain = self
             .pending
             .iter()
@@ -463,7 +463,7 @@ impl Resolver<'_> {
         {
             return Vec::new();
         }
-        let candidates = self.bases.keys().map(String::as_str).chain(
+        let candidates = self.bases.keys().copied().chain(
             self.pending
                 .iter()
                 .filter(|p| !p.expanded)

@@ -117,6 +117,34 @@ impl Table {
         self.position(key).map(|i| &mut self.entries[i])
     }
 
+    /// A table of entries whose keys are known to be distinct (a parsed TOML table): no
+    /// lookups while building. `Err` gives the entries back if two keys are equal after all.
+    pub(crate) fn from_distinct(entries: Vec<Entry>) -> Result<Self, Vec<Entry>> {
+        if entries.len() <= SCAN {
+            // Small tables are scanned on lookup; a parser's tables have distinct keys, so
+            // only callers merging several tables can trip this check.
+            for (i, e) in entries.iter().enumerate() {
+                if entries[..i].iter().any(|o| o.key == e.key) {
+                    return Err(entries);
+                }
+            }
+            return Ok(Self {
+                entries,
+                index: None,
+            });
+        }
+        let mut index = HashMap::with_capacity(entries.len());
+        for (i, e) in entries.iter().enumerate() {
+            if index.insert(e.key.clone(), i).is_some() {
+                return Err(entries);
+            }
+        }
+        Ok(Self {
+            entries,
+            index: Some(index),
+        })
+    }
+
     /// Insert or replace (a replaced entry keeps its position: overriding a stage in a child
     /// recipe must not reorder the stages).
     pub(crate) fn insert(&mut self, entry: Entry) {
@@ -173,15 +201,23 @@ impl Table {
 
 /// Convert a parsed TOML table (spans relative to `offset` within source `src`).
 pub(crate) fn from_de_table(src: u32, offset: usize, t: &DeTable<'_>) -> Table {
-    let mut out = Table::default();
-    for (k, v) in t {
-        out.insert(Entry {
+    let entries: Vec<Entry> = t
+        .iter()
+        .map(|(k, v)| Entry {
             key: k.get_ref().to_string(),
             key_loc: Loc::new(src, k.span()).shifted(offset),
             val: from_de_value(src, offset, v),
-        });
-    }
-    out
+        })
+        .collect();
+    // The parser rejects a key defined twice, so the keys are distinct; should that ever
+    // not hold, inserting one by one keeps the last value, as before.
+    Table::from_distinct(entries).unwrap_or_else(|entries| {
+        let mut out = Table::default();
+        for e in entries {
+            out.insert(e);
+        }
+        out
+    })
 }
 
 /// Convert a parsed TOML value.
