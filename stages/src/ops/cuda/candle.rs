@@ -12,7 +12,8 @@
 //!
 //! Each op writes its kernel call once, generic in the element type ([`TypedOp3`]);
 //! [`dispatch`] picks the type from the operands' dtype and sets up the stream and kernels.
-//! The backward helpers exist on CUDA only and share one `CustomOp3` impl ([`CudaOnly`]).
+//! The two forward ops share one `CustomOp3` impl ([`Kernel`], CPU op on the CPU, kernels
+//! on CUDA), and so do the backward helpers, which exist on CUDA only ([`CudaOnly`]).
 
 use std::sync::Arc;
 
@@ -121,6 +122,64 @@ fn dispatch<O: TypedOp3>(
     }
 }
 
+/// Gradients of the three operands (`None` where not tracked).
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+/// A kernel op with a fused CPU op of the same semantics.
+trait WithCpuOp: TypedOp3 {
+    type Cpu: CustomOp3;
+
+    /// The CPU op, for first and second operands of these dims.
+    fn cpu_op_for(&self, d1: &[usize], d2: &[usize]) -> Result<Self::Cpu>;
+
+    /// The gradients on CUDA, from the output gradient `g`.
+    fn cuda_bwd(&self, a: &Tensor, b: &Tensor, c: &Tensor, g: &Tensor) -> Result<Grads3>;
+}
+
+/// A forward op: on the CPU, forward and backward are the fused CPU op's; on CUDA, the
+/// kernels' ([`TypedOp3`], [`WithCpuOp::cuda_bwd`]).
+struct Kernel<O>(O);
+
+impl<O: WithCpuOp + Send + Sync> CustomOp3 for Kernel<O> {
+    fn name(&self) -> &'static str {
+        O::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.0
+            .cpu_op_for(l1.dims(), l2.dims())?
+            .cpu_fwd(s1, l1, s2, l2, s3, l3)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        dispatch(&self.0, s1, l1, s2, l2, s3, l3)
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, c: &Tensor, res: &Tensor, g: &Tensor) -> Result<Grads3> {
+        if a.device().is_cuda() {
+            self.0.cuda_bwd(a, b, c, g)
+        } else {
+            self.0.cpu_op_for(a.dims(), b.dims())?.bwd(a, b, c, res, g)
+        }
+    }
+}
+
 /// An op that exists on CUDA only: a backward helper, whose CPU counterpart is the backward
 /// of the fused CPU op.
 struct CudaOnly<O>(O);
@@ -201,7 +260,7 @@ pub(crate) fn attention(
         kernel: AttnKernel::Auto,
     };
     q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, Kernel(op))
         .map(Some)
 }
 
@@ -253,7 +312,7 @@ pub fn attention_masked(
         kernel,
     };
     q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, Kernel(op))
 }
 
 struct CudaAttention {
@@ -371,52 +430,17 @@ impl TypedOp3 for CudaAttention {
     }
 }
 
-impl CustomOp3 for CudaAttention {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
+impl WithCpuOp for CudaAttention {
+    type Cpu = cpu_attention::Attention;
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (q, k) = (l1.dims(), l2.dims());
+    fn cpu_op_for(&self, q: &[usize], k: &[usize]) -> Result<Self::Cpu> {
         if q.len() != 4 || k.len() != 4 {
             bail!("attention: q {q:?} and k {k:?} must be rank 4")
         }
-        self.cpu_op(q[0], q[2], k[2])?
-            .cpu_fwd(s1, l1, s2, l2, s3, l3)
+        self.cpu_op(q[0], q[2], k[2])
     }
 
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        dispatch(self, s1, l1, s2, l2, s3, l3)
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if !q.device().is_cuda() {
-            let (b, _, s, _) = q.dims4()?;
-            return self.cpu_op(b, s, k.dim(2)?)?.bwd(q, k, v, res, g);
-        }
+    fn cuda_bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> Result<Grads3> {
         let op = CudaOnly(AttentionGrad {
             fwd: CudaAttention {
                 scale: self.scale,
@@ -493,7 +517,7 @@ pub(crate) fn lora_linear(
         scale,
     };
     x.contiguous()?
-        .apply_op3(&a.contiguous()?, &bm.contiguous()?, op)
+        .apply_op3(&a.contiguous()?, &bm.contiguous()?, Kernel(op))
         .map(Some)
 }
 
@@ -578,46 +602,14 @@ impl TypedOp3 for CudaLora {
     }
 }
 
-impl CustomOp3 for CudaLora {
-    fn name(&self) -> &'static str {
-        Self::NAME
+impl WithCpuOp for CudaLora {
+    type Cpu = cpu_lora::LoraLinear;
+
+    fn cpu_op_for(&self, _: &[usize], _: &[usize]) -> Result<Self::Cpu> {
+        Ok(self.cpu_op())
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.cpu_op().cpu_fwd(s1, l1, s2, l2, s3, l3)
-    }
-
-    fn cuda_fwd(
-        &self,
-        s1: &CudaStorage,
-        l1: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        s3: &CudaStorage,
-        l3: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        dispatch(self, s1, l1, s2, l2, s3, l3)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        a: &Tensor,
-        bm: &Tensor,
-        res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if !x.device().is_cuda() {
-            return self.cpu_op().bwd(x, a, bm, res, g);
-        }
+    fn cuda_bwd(&self, x: &Tensor, a: &Tensor, bm: &Tensor, g: &Tensor) -> Result<Grads3> {
         let k = self.w.dim(1)?;
         let (x2, g2) = (
             x.reshape(((), k))?,
