@@ -13,6 +13,10 @@ temporary directory, and times:
                 (`pipeline run`, `dvc repro`, `snakemake --cores 1`);
 * plan       -- what would run (`pipeline plan`, `dvc status`, `snakemake -n`).
 
+Wall times are medians; for `pipeline` the median CPU time (user + system, of the process
+and its children) is printed too, because on a shared machine the wall time also counts
+the wait for a free core. Ratios are of wall times.
+
 Shapes: chain (s0 -> s1 -> ...), fan (one root, N-2 children, one join), layered (about
 sqrt(N) layers, each stage reading two stages of the layer above) -- the shapes of the
 engine's criterion benches and end-to-end tests.
@@ -35,6 +39,7 @@ import argparse
 import math
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -117,18 +122,39 @@ def write_snakefile(d: Path, deps: list[list[int]]) -> None:
     (d / "Snakefile").write_text("\n".join(out) + "\n")
 
 
+# CPU seconds (user + system) of the last command `timed` ran. On a shared machine the wall
+# time includes waiting for a core, so the CPU time is reported next to it for our tool.
+LAST_CPU = [0.0]
+
+
+def children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def timed(cmd: list[str], cwd: Path, env: dict | None = None) -> float:
+    c = children_cpu()
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     dt = time.perf_counter() - t
+    LAST_CPU[0] = children_cpu() - c
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed in {cwd} ({r.returncode}):\n{r.stderr.decode()[-2000:]}")
     return dt
 
 
-def median_of(reps: int, cmd: list[str], cwd: Path, env: dict | None = None) -> float:
+def median_of(reps: int, cmd: list[str], cwd: Path, env: dict | None = None,
+              cpu: list[float] | None = None) -> float:
+    """Median wall time of `reps` runs after one warm-up; `cpu` (if given) receives the
+    median CPU time of the same runs."""
     timed(cmd, cwd, env)  # warm the page cache and the stat caches
-    return statistics.median(timed(cmd, cwd, env) for _ in range(reps))
+    walls, cpus = [], []
+    for _ in range(reps):
+        walls.append(timed(cmd, cwd, env))
+        cpus.append(LAST_CPU[0])
+    if cpu is not None:
+        cpu.append(statistics.median(cpus))
+    return statistics.median(walls)
 
 
 def prepare(root: Path, tool: str) -> Path:
@@ -154,12 +180,19 @@ def bench_ours(exe: str, root: Path, deps, reps: int, full: bool) -> dict:
     recipe = write_ours(d, deps)
     base = [exe, "--cache-dir", str(d / ".pipeline"), "--runs-dir", str(d / "runs"), "-q", "--no-progress"]
     res: dict = {}
-    res["plan-cold"] = median_of(reps, base + ["plan", str(recipe)], d)
+    cpu: dict = {}
+    c: list[float] = []
+    res["plan-cold"] = median_of(reps, base + ["plan", str(recipe)], d, cpu=c)
+    cpu["plan-cold"] = c[-1]
     if full:
         res["baseline"] = spawn_baseline(root, deps)
         res["full"] = timed(base + ["run", str(recipe), "-j", "1"], d)
-        res["noop"] = median_of(reps, base + ["run", str(recipe)], d)
-        res["plan"] = median_of(reps, base + ["plan", str(recipe)], d)
+        cpu["full"] = LAST_CPU[0]
+        res["noop"] = median_of(reps, base + ["run", str(recipe)], d, cpu=c)
+        cpu["noop"] = c[-1]
+        res["plan"] = median_of(reps, base + ["plan", str(recipe)], d, cpu=c)
+        cpu["plan"] = c[-1]
+    res["cpu"] = cpu
     return res
 
 
@@ -280,13 +313,15 @@ def main() -> int:
                 if metric == "full":
                     over = (o - ours["baseline"]) / n * 1000
                     ours_txt += f" ({o / n * 1000:.1f} ms/stage, {over:.1f} over `sh -c`)"
-                rows.append((shape, n, label, ours_txt, fmt_s(d), fmt_s(s), ratio(d, o), ratio(s, o)))
+                rows.append((shape, n, label, ours_txt, fmt_s(ours["cpu"].get(metric)), fmt_s(d), fmt_s(s),
+                             ratio(d, o), ratio(s, o)))
 
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
           f"dvc: {'yes' if dvc else 'n/a'}, snakemake: {'yes' if smk else 'n/a'}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
-    print("| shape | stages | measure | pipeline | dvc | snakemake | dvc / pipeline | snakemake / pipeline |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print(f"Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
+    print("| shape | stages | measure | pipeline | pipeline CPU | dvc | snakemake | dvc / pipeline | snakemake / pipeline |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print("| " + " | ".join(str(c) for c in r) + " |")
     return 0
