@@ -341,9 +341,9 @@ impl Llama {
                 .reshape((b, s, h * hd))?;
             x = (x + layer.o.forward(&a, cx)?)?;
             let n = ops::rms_norm(&x, cx.store.get(layer.post_ln), c.rms_norm_eps)?;
-            let g = ops::silu(&layer.gate.forward(&n, cx)?)?;
+            let g = layer.gate.forward(&n, cx)?;
             let u = layer.up.forward(&n, cx)?;
-            x = (x + layer.down.forward(&(g * u)?, cx)?)?;
+            x = (x + layer.down.forward(&ops::swiglu(&g, &u)?, cx)?)?;
             if let Some(cap) = capture.as_deref_mut() {
                 cap.push(x.clone());
             }
@@ -378,9 +378,10 @@ pub fn rope_tables(
     let inv: Vec<f32> = (0..half)
         .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
         .collect();
-    let mut cos = Vec::with_capacity(b * s * head_dim);
-    let mut sin = Vec::with_capacity(b * s * head_dim);
-    for &p in pos {
+    // One row per distinct position: a batch repeats the same positions in every row (a
+    // training batch of 16 × 96 has 96), so the trigonometry is done once per position
+    // and copied; the values are those of the direct computation.
+    let row = |p: i64, cos: &mut Vec<f32>, sin: &mut Vec<f32>| {
         let row_start = cos.len();
         for &f in &inv {
             let a = p as f32 * f;
@@ -390,6 +391,18 @@ pub fn rope_tables(
         // emb = cat(freqs, freqs): the second half repeats the first.
         cos.extend_from_within(row_start..row_start + half);
         sin.extend_from_within(row_start..row_start + half);
+    };
+    let (mut tcos, mut tsin) = (Vec::new(), Vec::new());
+    let mut at: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+    let mut cos = Vec::with_capacity(b * s * head_dim);
+    let mut sin = Vec::with_capacity(b * s * head_dim);
+    for &p in pos {
+        let i = *at.entry(p).or_insert_with(|| {
+            row(p, &mut tcos, &mut tsin);
+            tcos.len() / head_dim - 1
+        });
+        cos.extend_from_slice(&tcos[i * head_dim..(i + 1) * head_dim]);
+        sin.extend_from_slice(&tsin[i * head_dim..(i + 1) * head_dim]);
     }
     let cos = Tensor::from_vec(cos, (b, s, head_dim), device)?.to_dtype(dtype)?;
     let sin = Tensor::from_vec(sin, (b, s, head_dim), device)?.to_dtype(dtype)?;
@@ -534,6 +547,14 @@ mod tests {
             assert!((g - w).abs() < 1e-6);
         }
         assert!((sin[0][1][1] - 0.3f32.sin()).abs() < 1e-6);
+        // Repeated positions (shared rows) give the same values as each alone.
+        let (c2, s2) = rope_tables(&[3, 0, 3], 3, 1, 4, 100.0, DType::F32, &Device::Cpu).unwrap();
+        let (c2, s2) = (c2.to_vec3::<f32>().unwrap(), s2.to_vec3::<f32>().unwrap());
+        assert_eq!(
+            (&c2[0][0], &c2[1][0], &c2[2][0]),
+            (&cos[0][1], &cos[0][0], &cos[0][1])
+        );
+        assert_eq!(s2[2][0], sin[0][1]);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! everywhere else. Signatures never change between the two, so model code is oblivious.
 //!
 //! Fused kernels (CPU, f32): [`rms_norm`], [`layer_norm`], [`softmax_last_dim`],
-//! [`log_softmax_last_dim`], [`silu`], [`rope`]
+//! [`log_softmax_last_dim`], [`silu`], [`swiglu`], [`rope`]
 //! (module `fused`),
 //! [`attention`] (module `attention`: flash-style, GQA, additive mask), and [`linear`] /
 //! [`lora_linear`] with a frozen base weight (module `lora`: skips the weight-gradient GEMM
@@ -139,6 +139,16 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
         return x.contiguous()?.apply_op1(fused::Silu);
     }
     reference::silu(x)
+}
+
+/// SwiGLU gating `silu(gate) · up` (same shapes).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if eligible(&[gate, up]) && gate.shape() == up.shape() {
+        return gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, fused::SwiGlu);
+    }
+    silu(gate)? * up
 }
 
 /// Log-softmax over the last dim (computed in f32, cast back). Added for losses and

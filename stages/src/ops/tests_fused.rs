@@ -217,6 +217,19 @@ fn fused_attention_tiles_long_queries_and_a_strided_cache_view() {
 }
 
 #[test]
+fn fused_swiglu_matches_silu_times_up_with_gradients() {
+    let ins = [randn(&[3, 5, 7], 31), randn(&[3, 5, 7], 32)];
+    check(
+        "swiglu",
+        &ins,
+        |x| crate::ops::swiglu(&x[0], &x[1]).unwrap(),
+        |x| (reference::silu(&x[0]).unwrap() * &x[1]).unwrap(),
+    );
+    let bad = crate::ops::swiglu(&ins[0], &randn(&[3, 5, 6], 33));
+    assert!(bad.is_err(), "mismatched shapes must be an error");
+}
+
+#[test]
 fn fully_masked_rows_are_uniform_like_hf() {
     // A left-pad query row that sees nothing: HF (f32::MIN fill) yields the mean of values.
     let (q, k, v) = (
