@@ -32,11 +32,12 @@ const SHRINK: &[&str] = &[
     "task.checkpoint_every=1",
 ];
 
+// The default runs one repetition (`rep = 1`); the 3-seed recipe adds reps 2 and 3.
 const METHODS: [&str; 4] = [
-    "x=0,reglora=0",
-    "x=0,reglora=2500",
-    "x=20,reglora=0",
-    "x=20,reglora=2500",
+    "rep=1,x=0,reglora=0",
+    "rep=1,x=0,reglora=2500",
+    "rep=1,x=20,reglora=0",
+    "rep=1,x=20,reglora=2500",
 ];
 
 fn command(dir: &Path, args: &[&str]) -> Command {
@@ -112,10 +113,10 @@ fn shipped_recipe_plans_four_methods_runs_shrunk_then_caches() {
     let runs = t.path().join("runs/sefe_coin");
 
     // The trainings write adapters only; the merges are the models, with the training logs.
-    let task = runs.join("task/x=20,reglora=2500,task=TextVQA");
+    let task = runs.join("task/rep=1,x=20,reglora=2500,task=TextVQA");
     assert!(task.join("adapter/adapter_model.safetensors").is_file());
     assert!(!task.join("model").exists());
-    let merged = runs.join("merge/x=20,reglora=2500,task=TextVQA/model");
+    let merged = runs.join("merge/rep=1,x=20,reglora=2500,task=TextVQA/model");
     assert!(merged.join("model.safetensors").is_file());
     assert_eq!(
         read_json(&merged.join("train_log.json")),
@@ -129,8 +130,8 @@ fn shipped_recipe_plans_four_methods_runs_shrunk_then_caches() {
         .unwrap()
     };
     let (k1, k2) = (
-        keys("x=20,reglora=2500", "ScienceQA"),
-        keys("x=20,reglora=2500", "TextVQA"),
+        keys("rep=1,x=20,reglora=2500", "ScienceQA"),
+        keys("rep=1,x=20,reglora=2500", "TextVQA"),
     );
     assert!(!k1.is_empty());
     assert_eq!(k2.len(), 2 * k1.len());
@@ -145,7 +146,7 @@ fn shipped_recipe_plans_four_methods_runs_shrunk_then_caches() {
     let log = read_json(&task.join("adapter/train_log.json"));
     assert_eq!(log[2]["extras"][0][0], "reglora", "{log}");
     // RegLoRA off: no penalty.
-    let off = runs.join("task/x=20,reglora=0,task=TextVQA/adapter");
+    let off = runs.join("task/rep=1,x=20,reglora=0,task=TextVQA/adapter");
     let log = read_json(&off.join("train_log.json"));
     assert_eq!(log[2]["extras"], serde_json::json!([]), "{log}");
 
@@ -178,11 +179,21 @@ fn shipped_recipe_plans_four_methods_runs_shrunk_then_caches() {
         "second run recomputed something: {err}"
     );
 
+    // More repetitions reuse this run as repetition 1: every rep-1 stage but the report (which
+    // now also reads rep 2's metrics) is a hit. 2 tasks: 3 shared + 2 ASD + 4 x 2 x 4 + 4
+    // metrics = 41 stages per repetition, and one report.
+    let mut reps = vec!["plan", r];
+    reps.extend_from_slice(SHRINK);
+    reps.extend(["--set", "vars.reps=[1, 2]"]);
+    let plan = pipeline(t.path(), &reps);
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(text.contains("83 stages: 41 hit, 42 run"), "{text}");
+
     // One expansion's learning rate: exactly that training, its merge and key elements, its
     // successor's (which read them), and the evaluations and metrics downstream of them
     // rerun; the other three methods stay cached.
     let mut one = args.clone();
-    one.extend(["--set", "task/x=0,reglora=0,task=ScienceQA.lr=1e-3"]);
+    one.extend(["--set", "task/rep=1,x=0,reglora=0,task=ScienceQA.lr=1e-3"]);
     let out = pipeline(t.path(), &one);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -195,16 +206,16 @@ fn shipped_recipe_plans_four_methods_runs_shrunk_then_caches() {
     assert_eq!(
         ran_sorted,
         [
-            "eval/x=0,reglora=0,task=ScienceQA",
-            "eval/x=0,reglora=0,task=TextVQA",
-            "keys/x=0,reglora=0,task=ScienceQA",
-            "keys/x=0,reglora=0,task=TextVQA",
-            "merge/x=0,reglora=0,task=ScienceQA",
-            "merge/x=0,reglora=0,task=TextVQA",
-            "metrics/x=0,reglora=0",
+            "eval/rep=1,x=0,reglora=0,task=ScienceQA",
+            "eval/rep=1,x=0,reglora=0,task=TextVQA",
+            "keys/rep=1,x=0,reglora=0,task=ScienceQA",
+            "keys/rep=1,x=0,reglora=0,task=TextVQA",
+            "merge/rep=1,x=0,reglora=0,task=ScienceQA",
+            "merge/rep=1,x=0,reglora=0,task=TextVQA",
+            "metrics/rep=1,x=0,reglora=0",
             "report",
-            "task/x=0,reglora=0,task=ScienceQA",
-            "task/x=0,reglora=0,task=TextVQA",
+            "task/rep=1,x=0,reglora=0,task=ScienceQA",
+            "task/rep=1,x=0,reglora=0,task=TextVQA",
         ],
         "{err}"
     );
