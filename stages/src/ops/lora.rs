@@ -96,6 +96,27 @@ pub(crate) struct LoraLinear {
     pub(crate) scale: f64,
 }
 
+/// Whether `x (W + s·B A)ᵀ` beats `x Wᵀ + s·(x Aᵀ) Bᵀ` for `rows` rows of `x`: merging
+/// costs one `[out, r] × [r, in]` product and an `out × in` add; the split form pays two
+/// skinny rank-`r` GEMMs (poorly vectorized at r = 8) and an add over the `rows × out`
+/// output, i.e. it loses once `rows · (in + out) > in · out` (187 rows for 256 × 688).
+/// Decoding (a few rows) keeps the split form; training batches merge.
+fn merge_pays(rows: usize, w: &Tensor) -> bool {
+    let (out, inp) = match w.dims() {
+        [o, i] => (*o, *i),
+        _ => return false,
+    };
+    rows * (inp + out) >= 2 * inp * out
+}
+
+impl LoraLinear {
+    /// `W + scale · B A` (`[out, in]`), a constant: gradients of `A`, `B` come from `bwd`.
+    fn merged(&self, a: &Tensor, bm: &Tensor) -> Result<Tensor> {
+        let ba = (bm.detach().matmul(&a.detach())? * self.scale)?;
+        self.w.add(&ba)
+    }
+}
+
 impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "lora-linear"
@@ -115,9 +136,13 @@ impl CustomOp3 for LoraLinear {
             cpu_tensor(s2, l2, "lora_linear")?,
             cpu_tensor(s3, l3, "lora_linear")?,
         );
-        // Scale the rank-r intermediate, not the [N, out] output: r ≪ out.
-        let low = linear2d(&(linear2d(&x, &a, None)? * self.scale)?, &bm, None)?;
-        let y = (linear2d(&x, &self.w, self.b.as_ref())? + low)?;
+        let y = if merge_pays(x.dim(0)?, &self.w) {
+            linear2d(&x, &self.merged(&a, &bm)?, self.b.as_ref())?
+        } else {
+            // Scale the rank-r intermediate, not the [N, out] output: r ≪ out.
+            let low = linear2d(&(linear2d(&x, &a, None)? * self.scale)?, &bm, None)?;
+            (linear2d(&x, &self.w, self.b.as_ref())? + low)?
+        };
         let (st, _) = into_cpu(y, "lora_linear")?;
         Ok((st, Shape::from(out_shape(l1.dims(), self.w.dim(0)?))))
     }
@@ -134,7 +159,11 @@ impl CustomOp3 for LoraLinear {
         let gb = (g2.matmul(bm)? * self.scale)?; // [N, r]
         // The layer input is a constant for the first layers of a LoRA model: skip its GEMM.
         let dx = grad_for(x, || {
-            (g2.matmul(&self.w)? + gb.matmul(a)?)?.reshape(x.shape())
+            if merge_pays(g2.dim(0)?, &self.w) {
+                g2.matmul(&self.merged(a, bm)?)?.reshape(x.shape())
+            } else {
+                (g2.matmul(&self.w)? + gb.matmul(a)?)?.reshape(x.shape())
+            }
         })?;
         let da = grad_for(a, || gb.t()?.matmul(&x2))?; // [r, in]
         let db = grad_for(bm, || {

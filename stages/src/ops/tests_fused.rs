@@ -321,6 +321,14 @@ fn frozen_linear_and_lora_match_reference_and_skip_base_grads() {
         |t| lora_linear(&t[0], &w, Some(&b), &t[1], &t[2], 2.0).unwrap(),
         |t| reference::lora_linear(&t[0], &w, Some(&b), &t[1], &t[2], 2.0).unwrap(),
     );
+    // Enough rows (40 · (12 + 10) ≥ 2 · 12 · 10) for the merged-weight path.
+    let many = randn(&[4, 10, 12], 24);
+    check(
+        "lora merged",
+        &[many, a.clone(), bm.clone()],
+        |t| lora_linear(&t[0], &w, Some(&b), &t[1], &t[2], 2.0).unwrap(),
+        |t| reference::lora_linear(&t[0], &w, Some(&b), &t[1], &t[2], 2.0).unwrap(),
+    );
     check(
         "frozen linear",
         std::slice::from_ref(&x),
