@@ -193,7 +193,8 @@ fn shipped_recipe_plans_four_methods_runs_shrunk_then_caches() {
     // successor's (which read them), and the evaluations and metrics downstream of them
     // rerun; the other three methods stay cached.
     let mut one = args.clone();
-    one.extend(["--set", "task/rep=1,x=0,reglora=0,task=ScienceQA.lr=1e-3"]);
+    // (3e-3 is not the recipe's lr: an override equal to it would change nothing)
+    one.extend(["--set", "task/rep=1,x=0,reglora=0,task=ScienceQA.lr=3e-3"]);
     let out = pipeline(t.path(), &one);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
