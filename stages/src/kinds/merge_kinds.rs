@@ -28,7 +28,7 @@ use engine::stage::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::sft::{preprocessor_json, train_err};
+use super::sft::{train_err, write_model_files};
 use super::train_kinds::{KEY_ELEMENTS_FILE, NON_LORA_FILE, TRAIN_LOG_FILE};
 use crate::model::Llava;
 use crate::model::tokenizer::LlavaTokenizer;
@@ -65,16 +65,7 @@ fn write_merged(
     tok: &LlavaTokenizer,
     adapter: &Path,
 ) -> Result<(), StageError> {
-    model
-        .save(dir)
-        .map_err(|e| StageError::Other(e.to_string()))?;
-    let tp = dir.join("tokenizer.json");
-    tok.save(&tp)
-        .map_err(|e| StageError::Other(format!("{}: {e}", tp.display())))?;
-    let pp = dir.join("preprocessor_config.json");
-    let text = serde_json::to_string_pretty(&preprocessor_json(model.config().vision.image_size))
-        .unwrap_or_default();
-    std::fs::write(&pp, text).map_err(|e| StageError::io(&pp, e))?;
+    write_model_files(dir, model, tok)?;
     let log = adapter.join(TRAIN_LOG_FILE);
     if log.is_file() {
         let to = dir.join(TRAIN_LOG_FILE);

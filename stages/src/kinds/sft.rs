@@ -419,6 +419,22 @@ pub fn write_model_dir(
     tok: &LlavaTokenizer,
     log: &[LogLine],
 ) -> Result<(), StageError> {
+    write_model_files(dir, model, tok)?;
+    let lp = dir.join("train_log.json");
+    let text = serde_json::to_string_pretty(log).unwrap_or_default();
+    std::fs::write(&lp, text).map_err(|e| StageError::io(&lp, e))
+}
+
+/// The self-contained model files every model output has: weights + config,
+/// `tokenizer.json` and `preprocessor_config.json` (no training log).
+///
+/// # Errors
+/// I/O errors, named.
+pub fn write_model_files(
+    dir: &Path,
+    model: &Llava,
+    tok: &LlavaTokenizer,
+) -> Result<(), StageError> {
     model
         .save(dir)
         .map_err(|e| StageError::Other(e.to_string()))?;
@@ -428,8 +444,5 @@ pub fn write_model_dir(
     let pp = dir.join("preprocessor_config.json");
     let text = serde_json::to_string_pretty(&preprocessor_json(model.config().vision.image_size))
         .unwrap_or_default();
-    std::fs::write(&pp, text).map_err(|e| StageError::io(&pp, e))?;
-    let lp = dir.join("train_log.json");
-    let text = serde_json::to_string_pretty(log).unwrap_or_default();
-    std::fs::write(&lp, text).map_err(|e| StageError::io(&lp, e))
+    std::fs::write(&pp, text).map_err(|e| StageError::io(&pp, e))
 }
