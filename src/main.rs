@@ -12,6 +12,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc instead of the system allocator: the engine's hot paths (recipe loading, key
+/// manifests, entry manifests) allocate many small strings and vectors, and glibc's
+/// malloc/free were about a third of all instructions of a no-op rerun (README, engine
+/// results). The allocator is process-wide, so the in-process ML stages use it too.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Fancy diagnostics (source snippets, labels, help); colours follow the terminal and
     // NO_COLOR.
