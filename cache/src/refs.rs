@@ -21,11 +21,11 @@ struct RefFile {
 impl Cache {
     fn ref_path(&self, experiment: &str, stage: &str) -> Result<PathBuf> {
         let dir = fsutil::safe_join(&self.v.join("refs"), "experiment", experiment, false)?;
-        let mut p = fsutil::safe_join(&dir, "stage", stage, true)?;
-        let mut name = p.file_name().unwrap_or_default().to_os_string();
-        name.push(".json");
-        p.set_file_name(name);
-        Ok(p)
+        let p = fsutil::safe_join(&dir, "stage", stage, true)?;
+        // `<stage>.json`: appending to the joined path's last component.
+        let mut s = p.into_os_string();
+        s.push(".json");
+        Ok(PathBuf::from(s))
     }
 
     /// Records `key` as the last committed key of `stage` in `experiment`.
@@ -62,7 +62,7 @@ impl Cache {
     /// Unsafe names.
     pub fn get_ref(&self, experiment: &str, stage: &str) -> Result<Option<Key>> {
         let p = self.ref_path(experiment, stage)?;
-        let Ok(bytes) = fs::read(&p) else {
+        let Ok(bytes) = fsutil::read_small(&p) else {
             return Ok(None);
         };
         Ok(serde_json::from_slice::<RefFile>(&bytes)
