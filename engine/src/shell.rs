@@ -39,7 +39,7 @@ use serde_json::json;
 
 use crate::env_vars;
 use crate::stage::{
-    ArtifactType, OutputSpec, ParamSpec, ParamType, StageCtx, StageError, StageKind,
+    ArtifactType, FileDigests, OutputSpec, ParamSpec, ParamType, StageCtx, StageError, StageKind,
 };
 
 /// Written into a shell stage's output: the list of its outs, so that a downstream shell
@@ -153,7 +153,30 @@ impl StageKind for Shell {
             return Ok(());
         };
         for out in checked_outs(&outs)? {
-            restore_tree(&dir.join(&out), &recipe_dir.join(&out))?;
+            restore_tree(&dir.join(&out), &recipe_dir.join(&out), None)?;
+        }
+        Ok(())
+    }
+
+    fn restore_with(
+        &self,
+        recipe_dir: &Path,
+        params: &serde_json::Value,
+        outputs: &BTreeMap<String, PathBuf>,
+        digests: &dyn FileDigests,
+    ) -> Result<(), StageError> {
+        let Some(dir) = outputs.get("out") else {
+            return Ok(());
+        };
+        let Some(list) = params.get("outs").and_then(serde_json::Value::as_array) else {
+            return Ok(());
+        };
+        for out in list {
+            let Some(out) = out.as_str() else {
+                continue;
+            };
+            let out = checked_out(out)?;
+            restore_tree(&dir.join(&out), &recipe_dir.join(&out), Some(digests))?;
         }
         Ok(())
     }
@@ -161,21 +184,21 @@ impl StageKind for Shell {
 
 /// Outs must stay inside the recipe directory.
 fn checked_outs(outs: &[String]) -> Result<Vec<PathBuf>, StageError> {
-    outs.iter()
-        .map(|o| {
-            let p = PathBuf::from(o);
-            let inside = !o.is_empty()
-                && p.components()
-                    .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
-            if inside {
-                Ok(p)
-            } else {
-                Err(StageError::Input(format!(
-                    "out `{o}` must be a relative path inside the recipe directory"
-                )))
-            }
-        })
-        .collect()
+    outs.iter().map(|o| checked_out(o)).collect()
+}
+
+fn checked_out(o: &str) -> Result<PathBuf, StageError> {
+    let p = PathBuf::from(o);
+    let inside = !o.is_empty()
+        && p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if inside {
+        Ok(p)
+    } else {
+        Err(StageError::Input(format!(
+            "out `{o}` must be a relative path inside the recipe directory"
+        )))
+    }
 }
 
 /// The words `${deps}` expands to.
@@ -476,8 +499,13 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), StageError> {
 }
 
 /// Make `dst` equal to `src` (a file or tree), touching only files that differ, each
-/// replaced atomically.
-fn restore_tree(src: &Path, dst: &Path) -> Result<(), StageError> {
+/// replaced atomically. With `digests`, files are compared by their digests through the
+/// stat cache (a `stat` each when unchanged) instead of by reading both.
+fn restore_tree(
+    src: &Path,
+    dst: &Path,
+    digests: Option<&dyn FileDigests>,
+) -> Result<(), StageError> {
     let meta = std::fs::metadata(src).map_err(|e| StageError::io(src, e))?;
     if meta.is_dir() {
         if std::fs::symlink_metadata(dst).is_ok_and(|m| !m.is_dir()) {
@@ -486,11 +514,15 @@ fn restore_tree(src: &Path, dst: &Path) -> Result<(), StageError> {
         std::fs::create_dir_all(dst).map_err(|e| StageError::io(dst, e))?;
         for entry in std::fs::read_dir(src).map_err(|e| StageError::io(src, e))? {
             let entry = entry.map_err(|e| StageError::io(src, e))?;
-            restore_tree(&entry.path(), &dst.join(entry.file_name()))?;
+            restore_tree(&entry.path(), &dst.join(entry.file_name()), digests)?;
         }
         return Ok(());
     }
-    if same_file_content(src, dst) {
+    let same = match digests {
+        Some(d) => same_digest(d, src, dst),
+        None => same_file_content(src, dst),
+    };
+    if same {
         return Ok(());
     }
     if std::fs::symlink_metadata(dst).is_ok_and(|m| m.is_dir()) {
@@ -509,6 +541,15 @@ fn restore_tree(src: &Path, dst: &Path) -> Result<(), StageError> {
         let _ = std::fs::remove_file(&tmp);
         StageError::io(dst, e)
     })
+}
+
+/// `b` is a file with `a`'s content (by digest, both through the stat cache; a directory
+/// or a missing file has no digest).
+fn same_digest(digests: &dyn FileDigests, a: &Path, b: &Path) -> bool {
+    match (digests.file_digest(a), digests.file_digest(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    }
 }
 
 fn same_file_content(a: &Path, b: &Path) -> bool {

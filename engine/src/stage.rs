@@ -288,6 +288,31 @@ pub trait StageKind: Send + Sync + 'static {
     ) -> Result<(), StageError> {
         Ok(())
     }
+    /// [`StageKind::restore`] with `digests`, which tells a file's content digest without
+    /// reading it when the file is unchanged since it was last hashed: the engine calls this
+    /// one, so that a kind can check that a restored file is already right with a `stat`
+    /// instead of reading it and its cached copy on every cache hit. Default: `restore`.
+    ///
+    /// # Errors
+    /// As [`StageKind::restore`].
+    fn restore_with(
+        &self,
+        recipe_dir: &Path,
+        params: &serde_json::Value,
+        outputs: &BTreeMap<String, PathBuf>,
+        _digests: &dyn FileDigests,
+    ) -> Result<(), StageError> {
+        self.restore(recipe_dir, params, outputs)
+    }
+}
+
+/// Content digests of files, for [`StageKind::restore_with`]. The engine answers through the
+/// cache's stat cache: a file whose device, inode, size, mtime and ctime match the record of
+/// its last hashing is not read again (the rules of `cache::stat_cache`).
+pub trait FileDigests: Sync {
+    /// The blake3 digest and size of the regular file at `path` (symlinks followed), or
+    /// `None` when it is missing or cannot be read.
+    fn file_digest(&self, path: &Path) -> Option<([u8; 32], u64)>;
 }
 
 /// All known kinds, by name.

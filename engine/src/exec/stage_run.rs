@@ -13,7 +13,7 @@ use super::keys;
 use crate::events::{Event, Reporter};
 use crate::key::{KeyManifest, RerunReason};
 use crate::recipe::{Recipe, StageNode};
-use crate::stage::{Progress, Resources, StageCtx, StageError, StageKind};
+use crate::stage::{FileDigests, Progress, Resources, StageCtx, StageError, StageKind};
 
 /// A stage the scheduler decided to compute.
 pub(super) struct Job {
@@ -298,8 +298,23 @@ pub(super) fn finish(
         }
         outputs.insert(name.to_owned(), dir);
     }
-    kind.restore(&env.recipe.dir, &node.params, &outputs)?;
+    kind.restore_with(
+        &env.recipe.dir,
+        &node.params,
+        &outputs,
+        &StatDigests(env.cache),
+    )?;
     Ok(())
+}
+
+/// [`FileDigests`] through the cache's stat cache.
+struct StatDigests<'a>(&'a Cache);
+
+impl FileDigests for StatDigests<'_> {
+    fn file_digest(&self, path: &Path) -> Option<([u8; 32], u64)> {
+        let (digest, size) = self.0.stat_cache().file_digest(path).ok()?;
+        Some((digest.0, size))
+    }
 }
 
 fn link_if_changed(
