@@ -176,7 +176,7 @@ fn plan_with_manifests(
             manifests.push(None);
             continue;
         }
-        let digest = |inp: &crate::recipe::Input| match &known[inp.stage] {
+        let digest = |_: usize, inp: &crate::recipe::Input| match &known[inp.stage] {
             Known::Hit(e) => keys::input_digest(recipe, inp, e).map(Some),
             _ => Ok(None),
         };

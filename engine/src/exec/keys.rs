@@ -55,8 +55,9 @@ pub fn input_digest(recipe: &Recipe, input: &Input, entry: &Entry) -> Result<Dig
         })
 }
 
-/// Build the manifest of `node`. `digest(input)` gives the digest of each input's upstream
-/// output, or `None` when it is not known yet (the upstream stage will run): those inputs
+/// Build the manifest of `node`. `digest(n, input)` gives the digest of the upstream output
+/// that `input` (`node.inputs[n]`) reads, or `None` when it is not known yet (the upstream
+/// stage will run): those inputs
 /// get an all-zero digest and their indices (into `node.inputs`) are returned, so the
 /// manifest is then only good for explaining, never for a lookup.
 ///
@@ -68,7 +69,7 @@ pub fn manifest(
     kind: &dyn StageKind,
     cache: &Cache,
     env: &KeyEnv,
-    digest: impl Fn(&Input) -> Result<Option<Digest>, KeyError>,
+    digest: impl Fn(usize, &Input) -> Result<Option<Digest>, KeyError>,
 ) -> Result<(KeyManifest, Vec<usize>), KeyError> {
     let mut params = node.params.clone();
     key::mask_refs(&mut params, node.inputs.iter().map(|i| i.param.as_str()));
@@ -76,7 +77,7 @@ pub fn manifest(
     let mut unknown = Vec::new();
     for (n, input) in node.inputs.iter().enumerate() {
         let up = &recipe.stages[input.stage];
-        let digest = digest(input)?.unwrap_or_else(|| {
+        let digest = digest(n, input)?.unwrap_or_else(|| {
             unknown.push(n);
             Digest([0; 32])
         });

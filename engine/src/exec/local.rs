@@ -94,17 +94,24 @@ pub fn run(
 
 /// Compute keys of ready stages and look them up, until no stage is ready (a hit makes its
 /// dependents ready at once, so a fully cached recipe resolves in this one call).
+///
+/// Stages are taken a ready batch at a time (all ready stages, ascending): a batch is
+/// looked up in parallel ([`RunState::resolve_batch`]), and its hits make the next batch
+/// ready. On a no-op rerun of a wide recipe that spreads the per-stage work (key, manifest
+/// read, stats, restore) over the machine's cores.
 fn resolve_ready(run: &mut RunState<'_, Infallible>) {
-    while let Some(i) = run.ready.pop_first() {
+    while !run.ready.is_empty() {
         if run.opts.cancel.load(Ordering::Relaxed) {
-            run.ready.insert(i);
             return;
         }
-        match run.resolve(i) {
-            Ok(Some(job)) => run.enqueue(job),
-            Ok(None) => {}
-            Err((key, error)) => {
-                run.fail(i, key, error, Duration::ZERO);
+        let batch: Vec<usize> = std::mem::take(&mut run.ready).into_iter().collect();
+        for (i, resolved) in run.resolve_batch(&batch) {
+            match resolved {
+                Ok(Some(job)) => run.enqueue(job),
+                Ok(None) => {}
+                Err((key, error)) => {
+                    run.fail(i, key, error, Duration::ZERO);
+                }
             }
         }
     }

@@ -217,20 +217,14 @@ impl<'a, R> RunState<'a, R> {
         let kind = self.kinds[i]
             .as_ref()
             .ok_or_else(|| format!("BUG: kind `{}` is not registered", node.kind))?;
-        let digest = |inp: &Input| {
-            let pos = node.inputs.iter().position(|x| x == inp).unwrap_or(0);
-            keys::input_digest(self.recipe, inp, &upstream[pos]).map(Some)
-        };
-        keys::manifest(
+        manifest_over(
             self.recipe,
-            node,
-            kind.as_ref(),
             self.cache,
             &self.opts.env,
-            digest,
+            i,
+            kind.as_ref(),
+            upstream,
         )
-        .map(|(m, _)| m)
-        .map_err(|e| e.to_string())
     }
 
     /// Why `i` runs (with key `key`, after lookup result `miss`).
@@ -279,6 +273,50 @@ impl<'a, R> RunState<'a, R> {
     /// that cannot run comes back as the failure for the executor to record
     /// ([`RunState::fail`]).
     pub fn resolve(&mut self, i: usize) -> Result<Option<Job>, Failure> {
+        let looked = match self.lookup_input(i) {
+            Ok(input) => look(&self.look_env(), input),
+            Err(failure) => Looked::Failed(failure),
+        };
+        self.apply(looked)
+    }
+
+    /// [`RunState::resolve`] for every stage of `batch` (ready stages, ascending), with the
+    /// per-stage work — key, manifest read, object stats, ref, restore — spread over rayon's
+    /// threads when the batch is big enough to pay for waking them. What each stage's
+    /// lookup means for the run is then applied in `batch` order, so events, the summary and
+    /// the queue come out the same whatever thread did the work.
+    pub fn resolve_batch(&mut self, batch: &[usize]) -> Vec<(usize, Result<Option<Job>, Failure>)> {
+        use rayon::prelude::*;
+        let inputs: Vec<Result<LookupInput, (usize, Failure)>> = batch
+            .iter()
+            .map(|&i| self.lookup_input(i).map_err(|f| (i, f)))
+            .collect();
+        let env = self.look_env();
+        let looked: Vec<(usize, Looked)> = if batch.len() >= PAR_BATCH {
+            inputs
+                .into_par_iter()
+                .map(|r| match r {
+                    Ok(input) => (input.idx, look(&env, input)),
+                    Err((i, f)) => (i, Looked::Failed(f)),
+                })
+                .collect()
+        } else {
+            inputs
+                .into_iter()
+                .map(|r| match r {
+                    Ok(input) => (input.idx, look(&env, input)),
+                    Err((i, f)) => (i, Looked::Failed(f)),
+                })
+                .collect()
+        };
+        looked
+            .into_iter()
+            .map(|(i, l)| (i, self.apply(l)))
+            .collect()
+    }
+
+    /// What the lookup of `i` needs from the run's state.
+    fn lookup_input(&self, i: usize) -> Result<LookupInput, Failure> {
         let node = &self.recipe.stages[i];
         let Some(kind) = self.kinds[i].clone() else {
             return Err((None, format!("BUG: kind `{}` is not registered", node.kind)));
@@ -289,51 +327,53 @@ impl<'a, R> RunState<'a, R> {
                 "BUG: resolved before its inputs were committed".into(),
             ));
         };
-        let manifest = self.manifest(i, &upstream).map_err(|e| (None, e))?;
-        let key = manifest.key();
-        let forced = self.opts.force.contains(&i);
-        let mut miss = None;
-        if !forced {
-            match self.cache.probe_outputs(&key) {
-                Ok(Lookup::Hit(entry)) => {
-                    let entry = Arc::new(*entry);
-                    match stage_run::finish(&self.env(), node, kind.as_ref(), &entry) {
-                        Ok(()) => {
-                            self.hit(i, entry);
-                            return Ok(None);
-                        }
-                        // The cache dropped the bad entry: recompute it like any miss.
-                        Err(FinishError::Corrupt(detail)) => {
-                            miss = Some(MissReason::Corrupt {
-                                path: PathBuf::new(),
-                                detail,
-                            });
-                        }
-                        Err(FinishError::Other(e)) => return Err((Some(key), e.to_string())),
-                    }
+        Ok(LookupInput {
+            idx: i,
+            kind,
+            upstream,
+            forced: self.opts.force.contains(&i),
+        })
+    }
+
+    fn look_env(&self) -> LookEnv<'a> {
+        LookEnv {
+            stage: self.env(),
+            key_env: &self.opts.env,
+        }
+    }
+
+    /// Record what a lookup found: a hit is done, a miss of a selected stage becomes a job
+    /// (with its rerun reasons), anything else a failure for the executor to record.
+    fn apply(&mut self, looked: Looked) -> Result<Option<Job>, Failure> {
+        match looked {
+            Looked::Hit(i, entry) => {
+                self.hit(i, entry);
+                Ok(None)
+            }
+            Looked::Failed(failure) => Err(failure),
+            Looked::Miss(input, key, manifest, miss) => {
+                let i = input.idx;
+                let node = &self.recipe.stages[i];
+                if !self.selected[i] {
+                    let msg = format!(
+                        "`{}` is not cached and not selected; include it in the selection to run it",
+                        node.name
+                    );
+                    return Err((Some(key), msg));
                 }
-                Ok(Lookup::Miss(reason)) => miss = Some(reason),
-                Err(e) => return Err((Some(key), format!("cache lookup failed: {e}"))),
+                let reasons = self.reasons(i, &key, &manifest, miss.as_ref());
+                Ok(Some(Job {
+                    idx: i,
+                    resources: node.resources,
+                    kind: input.kind,
+                    key,
+                    manifest: *manifest,
+                    upstream: input.upstream,
+                    reasons,
+                    forced: input.forced,
+                }))
             }
         }
-        if !self.selected[i] {
-            let msg = format!(
-                "`{}` is not cached and not selected; include it in the selection to run it",
-                node.name
-            );
-            return Err((Some(key), msg));
-        }
-        let reasons = self.reasons(i, &key, &manifest, miss.as_ref());
-        Ok(Some(Job {
-            idx: i,
-            resources: node.resources,
-            kind,
-            key,
-            manifest,
-            upstream,
-            reasons,
-            forced,
-        }))
     }
 
     /// Queue `job` to run in this process.
@@ -488,6 +528,99 @@ impl<'a, R> RunState<'a, R> {
         });
         self.summary
     }
+}
+
+/// Ready batches at least this big are looked up on rayon's threads: below it, waking the
+/// workers costs more than the few stages' lookups (tens of microseconds each).
+const PAR_BATCH: usize = 8;
+
+/// What a stage's lookup needs, taken from the run's state before the lookup starts.
+pub(super) struct LookupInput {
+    idx: usize,
+    kind: Arc<dyn StageKind>,
+    /// The committed entries of the stage's inputs, in `node.inputs` order.
+    upstream: Vec<Arc<Entry>>,
+    forced: bool,
+}
+
+/// Everything a lookup reads; shared by the threads of a batch.
+struct LookEnv<'a> {
+    stage: stage_run::Env<'a>,
+    key_env: &'a keys::KeyEnv,
+}
+
+/// What a lookup found.
+enum Looked {
+    /// A hit, finished (ref, links, restore).
+    Hit(usize, Arc<Entry>),
+    /// Not usable: must be computed (the miss reason when the cache gave one).
+    Miss(LookupInput, Key, Box<KeyManifest>, Option<MissReason>),
+    /// Cannot run.
+    Failed(Failure),
+}
+
+/// The key manifest of stage `i` over its inputs' entries (`upstream`, in `node.inputs`
+/// order).
+fn manifest_over(
+    recipe: &Recipe,
+    cache: &Cache,
+    env: &keys::KeyEnv,
+    i: usize,
+    kind: &dyn StageKind,
+    upstream: &[Arc<Entry>],
+) -> Result<KeyManifest, String> {
+    let node = &recipe.stages[i];
+    // By index: finding each input's position in the list made the join of a wide fan
+    // quadratic (16M instructions for 998 inputs).
+    let digest = |n: usize, inp: &Input| keys::input_digest(recipe, inp, &upstream[n]).map(Some);
+    keys::manifest(recipe, node, kind, cache, env, digest)
+        .map(|(m, _)| m)
+        .map_err(|e| e.to_string())
+}
+
+/// Key, lookup and, on a hit, [`stage_run::finish`] of one stage whose inputs are
+/// committed. Touches only the cache and the stage's own files, never the run's state, so
+/// the stages of a ready batch can be looked up on several threads at once.
+fn look(env: &LookEnv<'_>, input: LookupInput) -> Looked {
+    let i = input.idx;
+    let (recipe, cache) = (env.stage.recipe, env.stage.cache);
+    let node = &recipe.stages[i];
+    let manifest = match manifest_over(
+        recipe,
+        cache,
+        env.key_env,
+        i,
+        input.kind.as_ref(),
+        &input.upstream,
+    ) {
+        Ok(m) => m,
+        Err(e) => return Looked::Failed((None, e)),
+    };
+    let key = manifest.key();
+    let mut miss = None;
+    if !input.forced {
+        match cache.probe_outputs(&key) {
+            Ok(Lookup::Hit(entry)) => {
+                let entry = Arc::new(*entry);
+                match stage_run::finish(&env.stage, node, input.kind.as_ref(), &entry) {
+                    Ok(()) => return Looked::Hit(i, entry),
+                    // The cache dropped the bad entry: recompute it like any miss.
+                    Err(FinishError::Corrupt(detail)) => {
+                        miss = Some(MissReason::Corrupt {
+                            path: PathBuf::new(),
+                            detail,
+                        });
+                    }
+                    Err(FinishError::Other(e)) => {
+                        return Looked::Failed((Some(key), e.to_string()));
+                    }
+                }
+            }
+            Ok(Lookup::Miss(reason)) => miss = Some(reason),
+            Err(e) => return Looked::Failed((Some(key), format!("cache lookup failed: {e}"))),
+        }
+    }
+    Looked::Miss(input, key, Box::new(manifest), miss)
 }
 
 pub(super) fn ms(d: Duration) -> u64 {
