@@ -83,10 +83,31 @@ impl FromStr for Digest {
     type Err = ParseDigestError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        blake3::Hash::from_hex(s)
-            .map(Self::from)
-            .map_err(|_| ParseDigestError(s.to_owned()))
+        decode_hex(s.as_bytes())
+            .map(Digest)
+            .ok_or_else(|| ParseDigestError(s.to_owned()))
     }
+}
+
+/// 64 hex digits (either case) as 32 bytes. Every manifest read decodes several digests,
+/// so this is a plain loop over byte pairs rather than a general-purpose decoder.
+fn decode_hex(s: &[u8]) -> Option<[u8; 32]> {
+    const fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        *o = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
 }
 
 impl serde::Serialize for Digest {
@@ -133,5 +154,12 @@ mod tests {
         assert_eq!(serde_json::from_str::<Digest>(&json).unwrap(), d);
         assert!(serde_json::from_str::<Digest>("\"abc\"").is_err());
         assert!("zz".parse::<Digest>().is_err());
+        // Upper case is accepted (as blake3's own parser does); anything else is not.
+        let hex = d.to_hex();
+        assert_eq!(hex.to_uppercase().parse::<Digest>().unwrap(), d);
+        let mut bad = hex.clone();
+        bad.replace_range(63.., "g");
+        assert!(bad.parse::<Digest>().is_err());
+        assert!(format!("{hex}0").parse::<Digest>().is_err());
     }
 }
