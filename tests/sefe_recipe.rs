@@ -25,6 +25,10 @@ const SHRINK: &[&str] = &[
     "--set",
     "coin.pretrain=8",
     "--set",
+    "vision.steps=2",
+    "--set",
+    "vision.holdout=2",
+    "--set",
     "base.steps=2",
     "--set",
     "task.steps=4",
@@ -91,9 +95,9 @@ fn shipped_recipe_plans_four_methods_runs_shrunk_then_caches() {
     let text =
         String::from_utf8_lossy(&plan.stdout).into_owned() + &String::from_utf8_lossy(&plan.stderr);
     assert!(plan.status.success(), "{text}");
-    // 3 shared + 2 ASD + 4 x 8 x (training, merge, key elements, evaluation) + 4 metrics +
-    // the report.
-    assert!(text.contains("138 stages"), "{text}");
+    // 4 shared (data, vision tower, tokenizer, base) + 2 ASD + 4 x 8 x (training, merge, key
+    // elements, evaluation) + 4 metrics + the report.
+    assert!(text.contains("139 stages"), "{text}");
     for m in METHODS {
         for s in [
             format!("task/{m},task=OCRVQA"),
@@ -180,14 +184,14 @@ fn shipped_recipe_plans_four_methods_runs_shrunk_then_caches() {
     );
 
     // More repetitions reuse this run as repetition 1: every rep-1 stage but the report (which
-    // now also reads rep 2's metrics) is a hit. 2 tasks: 3 shared + 2 ASD + 4 x 2 x 4 + 4
-    // metrics = 41 stages per repetition, and one report.
+    // now also reads rep 2's metrics) is a hit. 2 tasks: 4 shared + 2 ASD + 4 x 2 x 4 + 4
+    // metrics = 42 stages per repetition, and one report.
     let mut reps = vec!["plan", r];
     reps.extend_from_slice(SHRINK);
     reps.extend(["--set", "vars.reps=[1, 2]"]);
     let plan = pipeline(t.path(), &reps);
     let text = String::from_utf8_lossy(&plan.stdout);
-    assert!(text.contains("83 stages: 41 hit, 42 run"), "{text}");
+    assert!(text.contains("85 stages: 42 hit, 43 run"), "{text}");
 
     // One expansion's learning rate: exactly that training, its merge and key elements, its
     // successor's (which read them), and the evaluations and metrics downstream of them

@@ -99,7 +99,10 @@ impl StageKind for SynthCoin {
         "data.synth-coin"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: ScienceQA's shape questions show one large object, GQA and Grounding scenes have
+        // one object per colour (GQA asks the colour at a relation), TextVQA's letters are
+        // half as large again.
+        2
     }
     fn doc(&self) -> &'static str {
         "Generate a synthetic CoIN look-alike (8 tasks in CoIN order, each in its native answer style, \

@@ -75,7 +75,7 @@ fn write_merged(
 }
 
 /// Puts the adapter's non-LoRA trained parameters (the projector) into `model`.
-fn apply_non_lora(model: &mut Llava, file: &Path) -> Result<usize, StageError> {
+pub(super) fn apply_non_lora(model: &mut Llava, file: &Path) -> Result<usize, StageError> {
     if !file.is_file() {
         return Ok(0);
     }

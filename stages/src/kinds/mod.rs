@@ -10,6 +10,7 @@ pub mod merge_kinds;
 pub mod report;
 pub mod sft;
 pub mod train_kinds;
+pub mod vision_kind;
 
 use engine::stage::Registry;
 
@@ -17,6 +18,7 @@ use engine::stage::Registry;
 pub fn register_all(registry: &mut Registry) {
     coin_data::register(registry);
     train_kinds::register(registry);
+    vision_kind::register(registry);
     merge_kinds::register(registry);
     coin_eval::register(registry);
     cl_metrics::register(registry);

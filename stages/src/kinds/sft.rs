@@ -320,18 +320,19 @@ pub(crate) fn train_err(e: TrainError) -> StageError {
     }
 }
 
-/// Runs `obj` to completion with checkpoints in `ctx.checkpoint_dir`, reporting progress and
-/// honouring cancellation. Returns the full per-step log (identical after a resume).
+/// Runs `obj` over `n` examples to completion with checkpoints in `ctx.checkpoint_dir`,
+/// reporting progress and honouring cancellation. Returns the full per-step log (identical
+/// after a resume).
 ///
 /// # Errors
 /// Training errors; [`StageError::Cancelled`] when stopped.
-pub fn run_training(
+pub fn run_training<O: Objective>(
     ctx: &mut StageCtx<'_>,
-    obj: &mut Sft,
+    obj: &mut O,
+    n: usize,
     groups: Vec<ParamGroup>,
     cfg: TrainConfig,
 ) -> Result<Vec<LogLine>, StageError> {
-    let n = obj.set.examples.len();
     let total = cfg.total_steps;
     let mut trainer = Trainer::new(cfg, groups, n).map_err(train_err)?;
     let ck = ctx.checkpoint_dir.join("trainer");

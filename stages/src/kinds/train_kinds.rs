@@ -66,7 +66,12 @@ pub fn register(registry: &mut Registry) {
     registry.register(LoraTrain);
 }
 
-fn spec(name: &'static str, ty: ParamType, default: Option<Value>, doc: &'static str) -> ParamSpec {
+pub(super) fn spec(
+    name: &'static str,
+    ty: ParamType,
+    default: Option<Value>,
+    doc: &'static str,
+) -> ParamSpec {
     ParamSpec {
         name,
         ty,
@@ -75,12 +80,12 @@ fn spec(name: &'static str, ty: ParamType, default: Option<Value>, doc: &'static
     }
 }
 
-fn other(e: impl std::fmt::Display) -> StageError {
+pub(super) fn other(e: impl std::fmt::Display) -> StageError {
     StageError::Input(e.to_string())
 }
 
 /// The optimization parameters shared by both training kinds, with per-kind defaults.
-fn loop_specs(steps: i64, batch: i64, every: i64) -> Vec<ParamSpec> {
+pub(super) fn loop_specs(steps: i64, batch: i64, every: i64) -> Vec<ParamSpec> {
     vec![
         spec(
             "steps",
@@ -133,7 +138,7 @@ fn loop_specs(steps: i64, batch: i64, every: i64) -> Vec<ParamSpec> {
     ]
 }
 
-fn cpu_resources() -> Resources {
+pub(super) fn cpu_resources() -> Resources {
     Resources {
         cpus: 1,
         memory_mb: 2048,
@@ -271,13 +276,14 @@ struct PretrainParams {
     tokenizer: String,
     model: serde_json::Map<String, Value>,
     splits: Vec<String>,
+    freeze_vision: bool,
     lr: f64,
     weight_decay: f64,
     #[serde(flatten)]
     lp: LoopParams,
 }
 
-fn model_preset(table: &serde_json::Map<String, Value>) -> Result<String, StageError> {
+pub(super) fn model_preset(table: &serde_json::Map<String, Value>) -> Result<String, StageError> {
     for k in table.keys() {
         if k != "preset" {
             return Err(StageError::Input(format!(
@@ -296,7 +302,7 @@ fn model_preset(table: &serde_json::Map<String, Value>) -> Result<String, StageE
 }
 
 /// The annotation file of split `name`: `pretrain` or a task name.
-fn split_file(dir: &Path, info: &DatasetInfo, name: &str) -> Result<String, StageError> {
+pub(super) fn split_file(dir: &Path, info: &DatasetInfo, name: &str) -> Result<String, StageError> {
     if name == "pretrain" {
         return info
             .pretrain
@@ -357,6 +363,19 @@ impl StageKind for Pretrain {
                 "training splits: `pretrain` (captions) and/or task names",
             ),
             spec(
+                "vision",
+                ParamType::Ref(ArtifactType::Files),
+                Some(json!("")),
+                "a `train.vision` output: start from its pretrained vision tower instead of random \
+                 vision weights (unset: random, trained here with the rest)",
+            ),
+            spec(
+                "freeze_vision",
+                ParamType::Bool,
+                Some(json!(false)),
+                "keep the vision tower fixed (as LLaVA keeps CLIP); train projector and decoder only",
+            ),
+            spec(
                 "lr",
                 ParamType::Float,
                 Some(json!(1e-3)),
@@ -394,6 +413,11 @@ impl StageKind for Pretrain {
         cfg.text.pad_token_id = Some(tok.pad_id);
         let mut model =
             Llava::from_config_random(cfg, ctx.seed, DType::F32, &Device::Cpu).map_err(other)?;
+        if ctx.inputs.contains_key("vision") {
+            let dir = ctx.input("vision")?.to_path_buf();
+            let n = super::vision_kind::load_vision(&mut model, &dir)?;
+            let _ = writeln!(ctx.log, "vision tower: {n} tensors from {}", dir.display());
+        }
         let tpl = template(&model);
         let max_len = model.config().text.max_position_embeddings;
         let mut set = SftSet {
@@ -404,7 +428,12 @@ impl StageKind for Pretrain {
             let file = split_file(&data, &info, s)?;
             load_records(&data, &info, &file, &tok, &tpl, max_len, &mut set)?;
         }
-        let vars = model.trainable_vars(TrainMode::ALL).map_err(other)?;
+        let mode = if p.freeze_vision {
+            TrainMode::FULL
+        } else {
+            TrainMode::ALL
+        };
+        let vars = model.trainable_vars(mode).map_err(other)?;
         let groups = vec![ParamGroup {
             name: "all".into(),
             lr: p.lr,
@@ -421,7 +450,8 @@ impl StageKind for Pretrain {
             hooks: Vec::new(),
             pixel_cache: Vec::new(),
         };
-        let log = run_training(ctx, &mut obj, groups, tcfg)?;
+        let n = obj.set.examples.len();
+        let log = run_training(ctx, &mut obj, n, groups, tcfg)?;
         write_model_dir(&ctx.output("model"), &obj.model, &tok, &log)
     }
 }
@@ -714,7 +744,8 @@ impl StageKind for LoraTrain {
             hooks,
             pixel_cache: Vec::new(),
         };
-        let log = run_training(ctx, &mut obj, groups, tcfg)?;
+        let n = obj.set.examples.len();
+        let log = run_training(ctx, &mut obj, n, groups, tcfg)?;
         let mut model = obj.model;
         model.set_dropout_seed(None);
         let adapter = ctx.output("adapter");

@@ -3,12 +3,12 @@
 //!
 //! | task | scene | native answer |
 //! |---|---|---|
-//! | ScienceQA | one to four objects | option letter (shape, colour or count among 3-4 options) |
+//! | ScienceQA | one large object (shape), or one to four small ones | option letter (shape, colour or count among 3-4 options) |
 //! | TextVQA | a word written in coloured glyphs | the word, lower case |
 //! | ImageNet | one of six drawn object classes | the class name |
-//! | GQA | two objects sharing a row or a column | a relation word, or the shape at a relation |
+//! | GQA | two objects of different colours sharing a row or a column | a relation word, or the colour at a relation |
 //! | VizWiz | one large object, or a dark noisy frame (30 %) | colour/shape, or `unanswerable` |
-//! | Grounding | two to four distinct objects | the referred object's box, normalized |
+//! | Grounding | two to four objects of different colours | the referred object's box, normalized |
 //! | VQAv2 | up to six objects | a count, or a colour |
 //! | OCRVQA | a book cover (genre colour, title panel) | the title, the genre, or Yes/No |
 //!
@@ -113,23 +113,51 @@ fn cell_rect(rng: &mut StdRng, size: u32, row: usize, col: usize) -> Rect {
     }
 }
 
-/// `n` objects in distinct cells; `distinct` also makes every (colour, shape) pair unique.
-fn place(rng: &mut StdRng, size: u32, n: usize, distinct: bool) -> Vec<Obj> {
+/// What must differ between the objects of a scene (besides their cells).
+#[derive(Clone, Copy, PartialEq)]
+enum Distinct {
+    /// Nothing: colours and shapes drawn independently.
+    No,
+    /// Every (colour, shape) pair.
+    Pairs,
+    /// Every colour (at most [`COLORS`]`.len()` objects), shapes drawn independently: the
+    /// colour alone names an object, so a question about "the red circle" can be answered by
+    /// a model that sees colours and positions even where it does not yet tell shapes apart.
+    Colors,
+}
+
+/// A square box of half to three quarters of the image at a random place.
+fn big_rect(rng: &mut StdRng, size: u32) -> Rect {
+    let side = rng.random_range(size / 2..=size * 3 / 4);
+    let x = rng.random_range(0..=size - side);
+    let y = rng.random_range(0..=size - side);
+    Rect {
+        x1: x,
+        y1: y,
+        x2: x + side,
+        y2: y + side,
+    }
+}
+
+/// `n` objects in distinct cells, distinct as `distinct` says.
+fn place(rng: &mut StdRng, size: u32, n: usize, distinct: Distinct) -> Vec<Obj> {
     let mut cells: Vec<usize> = (0..9).collect();
     cells.shuffle(rng);
     let mut kinds: Vec<(usize, usize)> = (0..COLORS.len())
         .flat_map(|c| (0..SHAPES.len()).map(move |s| (c, s)))
         .collect();
     kinds.shuffle(rng);
+    let mut colors: Vec<usize> = (0..COLORS.len()).collect();
+    colors.shuffle(rng);
     (0..n)
         .map(|i| {
-            let (color, shape) = if distinct {
-                kinds[i]
-            } else {
-                (
+            let (color, shape) = match distinct {
+                Distinct::Pairs => kinds[i],
+                Distinct::Colors => (colors[i % colors.len()], rng.random_range(0..SHAPES.len())),
+                Distinct::No => (
                     rng.random_range(0..COLORS.len()),
                     rng.random_range(0..SHAPES.len()),
-                )
+                ),
             };
             let (row, col) = (cells[i] / 3, cells[i] % 3);
             Obj {
@@ -151,8 +179,15 @@ fn render(size: u32, objs: &[Obj]) -> RgbImage {
     c.img
 }
 
+/// Glyph scale of book titles (four letters across a cover).
 fn glyph_scale(size: u32) -> u32 {
     (size / 32).max(1)
+}
+
+/// Glyph scale of TextVQA's words: three letters over most of the width (15x21 pixels a
+/// letter at 64 px, two by three patches), large enough for the tiny tower to read.
+fn word_scale(size: u32) -> u32 {
+    (size * 3 / 64).max(1)
 }
 
 fn plural(shape: &str) -> String {
@@ -184,7 +219,12 @@ pub fn science_qa(rng: &mut StdRng, size: u32) -> Sample {
     } else {
         1
     };
-    let mut objs = place(rng, size, n, false);
+    let mut objs = place(rng, size, n, Distinct::No);
+    if qtype == "shape" {
+        // One large object, as VizWiz shows it: at two patches a side (a grid cell) a shape is
+        // too small for the tiny tower to tell apart reliably, at four to six it is not.
+        objs[0].rect = big_rect(rng, size);
+    }
     if qtype == "count" {
         // Same shape and colour, so "objects" is unambiguous.
         let (c, s) = (objs[0].color, objs[0].shape);
@@ -227,7 +267,7 @@ pub fn science_qa(rng: &mut StdRng, size: u32) -> Sample {
 pub fn text_vqa(rng: &mut StdRng, size: u32) -> Sample {
     let word = *WORDS.choose(rng).unwrap_or(&WORDS[0]);
     let color = rng.random_range(0..COLORS.len());
-    let scale = glyph_scale(size);
+    let scale = word_scale(size);
     let (w, h) = (text_width(word, scale), 7 * scale);
     let x = rng.random_range(0..=size.saturating_sub(w + 1));
     let y = rng.random_range(0..=size.saturating_sub(h + 1));
@@ -322,7 +362,7 @@ pub fn imagenet(rng: &mut StdRng, size: u32) -> Sample {
 
 /// GQA: the relation between two objects sharing a row or a column.
 pub fn gqa(rng: &mut StdRng, size: u32) -> Sample {
-    let mut objs = place(rng, size, 2, true);
+    let mut objs = place(rng, size, 2, Distinct::Colors);
     // Move the second object into the first one's row or column (a cell it does not occupy).
     let same_row = rng.random_bool(0.5);
     let (r0, c0) = (objs[0].row, objs[0].col);
@@ -355,9 +395,9 @@ pub fn gqa(rng: &mut StdRng, size: u32) -> Sample {
         )
     } else {
         (
-            format!("What shape is {phrase} the {}?", b.name()),
-            SHAPES[a.shape].to_string(),
-            "shape_at",
+            format!("What color is the shape {phrase} the {}?", b.name()),
+            COLORS[a.color].0.to_string(),
+            "color_at",
         )
     };
     let mut facts: Vec<String> = objs.iter().map(Obj::fact).collect();
@@ -403,20 +443,8 @@ pub fn vizwiz(rng: &mut StdRng, size: u32) -> Sample {
         rng.random_range(0..COLORS.len()),
         rng.random_range(0..SHAPES.len()),
     );
-    let side = rng.random_range(size / 2..=size * 3 / 4);
-    let x = rng.random_range(0..=size - side);
-    let y = rng.random_range(0..=size - side);
     let mut c = Canvas::new(size, BACKGROUND);
-    c.shape(
-        SHAPES[shape],
-        Rect {
-            x1: x,
-            y1: y,
-            x2: x + side,
-            y2: y + side,
-        },
-        COLORS[color].1,
-    );
+    c.shape(SHAPES[shape], big_rect(rng, size), COLORS[color].1);
     Sample {
         question,
         answer: if ask_color {
@@ -437,7 +465,7 @@ pub fn vizwiz(rng: &mut StdRng, size: u32) -> Sample {
 /// Grounding: the box of the referred object among two to four distinct ones.
 pub fn grounding(rng: &mut StdRng, size: u32) -> Sample {
     let n = rng.random_range(2..=4);
-    let objs = place(rng, size, n, true);
+    let objs = place(rng, size, n, Distinct::Colors);
     let t = objs[rng.random_range(0..n)];
     let s = f64::from(size);
     let r = t.rect;
@@ -464,7 +492,7 @@ pub fn vqav2(rng: &mut StdRng, size: u32) -> Sample {
     let count_q = rng.random_bool(0.5);
     let k = if count_q { rng.random_range(1..=4) } else { 1 };
     let extra = rng.random_range(0..=2);
-    let mut objs = place(rng, size, k + extra, false);
+    let mut objs = place(rng, size, k + extra, Distinct::No);
     for (i, o) in objs.iter_mut().enumerate() {
         o.shape = if i < k {
             target
@@ -592,7 +620,7 @@ pub fn caption(rng: &mut StdRng, size: u32) -> Sample {
     let (answer, image) = match rng.random_range(0..5) {
         0 => {
             let n = rng.random_range(1..=3);
-            let objs = place(rng, size, n, true);
+            let objs = place(rng, size, n, Distinct::Pairs);
             let parts: Vec<String> = objs
                 .iter()
                 .map(|o| {
@@ -611,7 +639,7 @@ pub fn caption(rng: &mut StdRng, size: u32) -> Sample {
         }
         1 => {
             let n = rng.random_range(1..=4);
-            let mut objs = place(rng, size, n, false);
+            let mut objs = place(rng, size, n, Distinct::No);
             let (c, s) = (objs[0].color, objs[0].shape);
             objs.iter_mut().for_each(|o| (o.color, o.shape) = (c, s));
             let n = objs.len();
