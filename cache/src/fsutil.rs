@@ -101,19 +101,6 @@ pub(crate) fn sync_dir(root: &Path, dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(root, dir, "cannot sync", e))
 }
 
-/// The whole content of a small file (a manifest, a ref) in as few syscalls as the kernel
-/// allows: `open`, `read` until end of file, `close`. `fs::read` also `stat`s the file to
-/// size its buffer, one more syscall for every manifest of a no-op rerun.
-pub(crate) fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let f = File::open(path)?;
-    let mut buf = Vec::with_capacity(4096);
-    // Through `Take`, `read_to_end` has no size hint to ask the file for (no `fstat`, no
-    // `lseek`) and reads straight into the vector's spare capacity.
-    f.take(u64::MAX).read_to_end(&mut buf)?;
-    Ok(buf)
-}
-
 /// `create_dir_all` with a classified error.
 pub(crate) fn mkdirs(root: &Path, dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| Error::io(root, dir, "cannot create directory", e))

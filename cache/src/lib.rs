@@ -91,6 +91,7 @@ mod fsutil;
 mod gc;
 mod lock;
 mod refs;
+mod rel;
 mod store;
 
 pub use commit::{CrashPoint, Staging};

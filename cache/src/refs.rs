@@ -61,8 +61,11 @@ impl Cache {
     /// # Errors
     /// Unsafe names.
     pub fn get_ref(&self, experiment: &str, stage: &str) -> Result<Option<Key>> {
-        let p = self.ref_path(experiment, stage)?;
-        let Ok(bytes) = fsutil::read_small(&p) else {
+        // Relative to `v1/` ([`crate::rel`]); the names are checked as for `ref_path`.
+        let dir = fsutil::safe_join(Path::new("refs"), "experiment", experiment, false)?;
+        let mut rel = fsutil::safe_join(&dir, "stage", stage, true)?.into_os_string();
+        rel.push(".json");
+        let Ok(bytes) = self.vfd.read(Path::new(&rel)) else {
             return Ok(None);
         };
         Ok(serde_json::from_slice::<RefFile>(&bytes)

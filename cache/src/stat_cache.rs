@@ -56,6 +56,29 @@ pub(crate) struct Stamp {
 }
 
 impl Stamp {
+    /// From raw `statx` fields: the device number, the inode, the size and `(seconds,
+    /// nanoseconds)` of mtime and ctime.
+    pub(crate) fn from_parts(
+        dev: u64,
+        ino: u64,
+        size: u64,
+        mtime: (i64, u32),
+        ctime: (i64, u32),
+    ) -> Stamp {
+        Stamp {
+            dev,
+            ino,
+            size,
+            mtime_ns: mtime.0 * 1_000_000_000 + i64::from(mtime.1),
+            ctime_ns: ctime.0 * 1_000_000_000 + i64::from(ctime.1),
+        }
+    }
+
+    /// The file size it records.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
     pub(crate) fn of(m: &Metadata) -> Stamp {
         Stamp {
             dev: m.dev(),
@@ -142,10 +165,14 @@ impl StatCache {
 
     /// The recorded digest of a file with this metadata, if still valid.
     pub(crate) fn get(&self, meta: &Metadata) -> Option<Digest> {
+        self.get_stamp(&Stamp::of(meta))
+    }
+
+    /// [`StatCache::get`] for a stamp taken by other means ([`crate::rel`]).
+    pub(crate) fn get_stamp(&self, s: &Stamp) -> Option<Digest> {
         if self.paranoid {
             return None;
         }
-        let s = Stamp::of(meta);
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
         let (rec, used) = map.get(&(s.dev, s.ino))?;
         if rec.size == s.size && rec.mtime_ns == s.mtime_ns && rec.ctime_ns == s.ctime_ns {

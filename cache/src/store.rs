@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::hash::{self, NodeKind, Tree};
 use crate::manifest::{Entry, Lookup, MANIFEST_FORMAT, Manifest, ManifestSansInputs, MissReason};
+use crate::rel::DirFd;
 use crate::stat_cache::StatCache;
 
 /// Name of the versioned layout directory; bump on any incompatible layout change (old
@@ -95,6 +96,8 @@ pub struct Cache {
     pub(crate) spares: fsutil::Spares,
     /// The heartbeat thread of this process's leases.
     pub(crate) beats: crate::lock::Heartbeats,
+    /// `v1/`, open, for the lookups' relative reads and stats ([`crate::rel`]).
+    pub(crate) vfd: DirFd,
 }
 
 /// A hold on the shared gc lock; the last one in the process releases the flock.
@@ -146,6 +149,7 @@ impl Cache {
         let probe = v.join("tmp").join(fsutil::unique_name(".probe"));
         File::create(&probe).map_err(|e| Error::io(&root, &probe, "cannot write", e))?;
         let _ = fs::remove_file(&probe);
+        let vfd = DirFd::open(&v).map_err(|e| Error::io(&root, &v, "cannot open", e))?;
         let mut stat = StatCache::load(&v.join("statcache.bin"));
         stat.set_paranoid(opts.paranoid);
         let host = gethostname::gethostname().to_string_lossy().into_owned();
@@ -161,6 +165,7 @@ impl Cache {
             reaper: fsutil::Reaper::default(),
             spares: fsutil::Spares::default(),
             beats: crate::lock::Heartbeats::default(),
+            vfd,
         })
     }
 
@@ -187,6 +192,23 @@ impl Cache {
     /// Unreadable path.
     pub fn digest_path(&self, path: &Path) -> Result<Digest> {
         self.stat.digest_path(path)
+    }
+
+    /// Digest and size of a file through the stat cache, like
+    /// [`StatCache::file_digest`], with files inside the store (`<root>/v1/...`) `stat`ed
+    /// relative to it ([`crate::rel`]): what a kind's restore uses to compare a materialized
+    /// output with its copy in the recipe directory.
+    ///
+    /// # Errors
+    /// The file cannot be read.
+    pub fn file_digest(&self, path: &Path) -> Result<(Digest, u64)> {
+        if let Some(rel) = path.strip_prefix(&self.v).ok()
+            && let Ok(stamp) = self.vfd.stamp(rel)
+            && let Some(d) = self.stat.get_stamp(&stamp)
+        {
+            return Ok((d, stamp.size()));
+        }
+        self.stat.file_digest(path)
     }
 
     /// Persists the stat cache now (also done on drop).
@@ -286,7 +308,8 @@ impl Cache {
     fn probe_with(&self, key: &Key, inputs: bool) -> Result<Lookup> {
         let dir = self.entry_dir(key);
         let mpath = dir.join("manifest.json");
-        let bytes = match fsutil::read_small(&mpath) {
+        let rel = format!("entries/{}/manifest.json", &*key.hex());
+        let bytes = match self.vfd.read(Path::new(&rel)) {
             Ok(b) => b,
             Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
                 return Ok(Lookup::Miss(MissReason::NotFound));
@@ -333,14 +356,17 @@ impl Cache {
             .filter_map(|e| Some((e.digest?, e.size)))
             .collect();
         let check = |(d, size): &(Digest, u64)| -> Option<MissReason> {
-            let p = self.object_path(d);
-            match fs::metadata(&p) {
-                Ok(m) if m.len() == *size => None,
-                Ok(m) => Some(MissReason::Corrupt {
-                    detail: format!("size {} but manifest says {size}", m.len()),
-                    path: p,
+            let hex = d.hex();
+            let rel = format!("objects/{}/{}", &hex[..2], &*hex);
+            match self.vfd.size(Path::new(&rel)) {
+                Ok(n) if n == *size => None,
+                Ok(n) => Some(MissReason::Corrupt {
+                    detail: format!("size {n} but manifest says {size}"),
+                    path: self.object_path(d),
                 }),
-                Err(_) => Some(MissReason::MissingObject { path: p }),
+                Err(_) => Some(MissReason::MissingObject {
+                    path: self.object_path(d),
+                }),
             }
         };
         // Stats are cheap; parallelism only pays for big listings.
@@ -482,17 +508,33 @@ impl Cache {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(want);
+        // Store files are `stat`ed relative to `v1/` ([`crate::rel`]).
+        let rel = path.strip_prefix(&self.v).ok();
         if known {
-            return match fs::metadata(path) {
-                Ok(m) if m.len() == size => Ok(()),
-                Ok(m) => corrupt(format!("size {} but manifest says {size}", m.len())),
+            let len = match rel {
+                Some(rel) => self.vfd.size(rel),
+                None => fs::metadata(path).map(|m| m.len()),
+            };
+            return match len {
+                Ok(n) if n == size => Ok(()),
+                Ok(n) => corrupt(format!("size {n} but manifest says {size}")),
                 Err(e) if e.kind() == ErrorKind::NotFound => corrupt("missing".into()),
                 Err(e) => Err(self.io(path, "cannot stat", e)),
             };
         }
-        // The stat cache stats the file once and hashes it only when its record is stale;
-        // the size it reports is that stat's (or the hashed length), so no second `stat`.
-        let (got, got_size) = match self.stat.file_digest(path) {
+        // One `stat`, and a hash only when the stat cache's record is stale; the size is
+        // that stat's (or the hashed length), so no second `stat`.
+        let recorded = match rel.map(|rel| self.vfd.stamp(rel)) {
+            Some(Ok(stamp)) => self.stat.get_stamp(&stamp).map(|d| (d, stamp.size())),
+            Some(Err(e)) if e.kind() == ErrorKind::NotFound => return corrupt("missing".into()),
+            Some(Err(e)) => return Err(self.io(path, "cannot stat", e)),
+            None => None,
+        };
+        let found = match recorded {
+            Some(found) => Ok(found),
+            None => self.stat.file_digest(path),
+        };
+        let (got, got_size) = match found {
             Ok(d) => d,
             Err(Error::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
                 return corrupt("missing".into());

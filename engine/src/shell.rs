@@ -506,6 +506,14 @@ fn restore_tree(
     dst: &Path,
     digests: Option<&dyn FileDigests>,
 ) -> Result<(), StageError> {
+    // The common case first: `src` is a file (it has a digest) and `dst` already holds it.
+    // A directory has no digest and goes the long way below.
+    if let Some(d) = digests
+        && let Some(want) = d.file_digest(src)
+        && d.file_digest(dst) == Some(want)
+    {
+        return Ok(());
+    }
     let meta = std::fs::metadata(src).map_err(|e| StageError::io(src, e))?;
     if meta.is_dir() {
         if std::fs::symlink_metadata(dst).is_ok_and(|m| !m.is_dir()) {
@@ -518,11 +526,8 @@ fn restore_tree(
         }
         return Ok(());
     }
-    let same = match digests {
-        Some(d) => same_digest(d, src, dst),
-        None => same_file_content(src, dst),
-    };
-    if same {
+    // With `digests`, the check above found them different (or `src` unreadable).
+    if digests.is_none() && same_file_content(src, dst) {
         return Ok(());
     }
     if std::fs::symlink_metadata(dst).is_ok_and(|m| m.is_dir()) {
@@ -541,15 +546,6 @@ fn restore_tree(
         let _ = std::fs::remove_file(&tmp);
         StageError::io(dst, e)
     })
-}
-
-/// `b` is a file with `a`'s content (by digest, both through the stat cache; a directory
-/// or a missing file has no digest).
-fn same_digest(digests: &dyn FileDigests, a: &Path, b: &Path) -> bool {
-    match (digests.file_digest(a), digests.file_digest(b)) {
-        (Some(x), Some(y)) => x == y,
-        _ => false,
-    }
 }
 
 fn same_file_content(a: &Path, b: &Path) -> bool {

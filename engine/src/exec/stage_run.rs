@@ -312,7 +312,7 @@ struct StatDigests<'a>(&'a Cache);
 
 impl FileDigests for StatDigests<'_> {
     fn file_digest(&self, path: &Path) -> Option<([u8; 32], u64)> {
-        let (digest, size) = self.0.stat_cache().file_digest(path).ok()?;
+        let (digest, size) = self.0.file_digest(path).ok()?;
         Some((digest.0, size))
     }
 }
