@@ -89,25 +89,38 @@ impl FromStr for Digest {
     }
 }
 
-/// 64 hex digits (either case) as 32 bytes. Every manifest read decodes several digests,
-/// so this is a plain loop over byte pairs rather than a general-purpose decoder.
-fn decode_hex(s: &[u8]) -> Option<[u8; 32]> {
-    const fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        }
+/// Hex digit values, `0xff` for bytes that are not hex digits (either case).
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
     }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// 64 hex digits (either case) as 32 bytes. Every manifest read decodes several digests,
+/// so this is a table lookup per digit rather than a general-purpose decoder.
+fn decode_hex(s: &[u8]) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;
     }
     let mut out = [0u8; 32];
+    let mut bad = 0u8;
     for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-        *o = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        let (hi, lo) = (HEX_VALUE[pair[0] as usize], HEX_VALUE[pair[1] as usize]);
+        // Valid digits are < 16: any 0xff sets the high bits.
+        bad |= hi | lo;
+        *o = (hi << 4) | (lo & 0x0f);
     }
-    Some(out)
+    (bad < 16).then_some(out)
 }
 
 impl serde::Serialize for Digest {

@@ -202,7 +202,7 @@ impl Cache {
     /// # Errors
     /// The file cannot be read.
     pub fn file_digest(&self, path: &Path) -> Result<(Digest, u64)> {
-        if let Some(rel) = path.strip_prefix(&self.v).ok()
+        if let Some(rel) = self.in_store(path)
             && let Ok(stamp) = self.vfd.stamp(rel)
             && let Some(d) = self.stat.get_stamp(&stamp)
         {
@@ -245,6 +245,21 @@ impl Cache {
             s.push(p);
         }
         PathBuf::from(s)
+    }
+
+    /// `path` relative to `v1/`, if it lies under it, for [`DirFd`]'s calls. A byte prefix
+    /// test: `Path::strip_prefix` parses both paths into components, which cost more than
+    /// the kernel's path walk it is meant to save. The relative path names the same file
+    /// as `path` (even with `..` or symlinks after the prefix, which resolve the same way
+    /// from the directory).
+    pub(crate) fn in_store<'p>(&self, path: &'p Path) -> Option<&'p Path> {
+        use std::os::unix::ffi::OsStrExt;
+        let rest = path
+            .as_os_str()
+            .as_bytes()
+            .strip_prefix(self.v.as_os_str().as_bytes())?
+            .strip_prefix(b"/")?;
+        (!rest.is_empty()).then(|| Path::new(std::ffi::OsStr::from_bytes(rest)))
     }
 
     pub(crate) fn io(&self, path: &Path, what: &'static str, e: std::io::Error) -> Error {
@@ -322,19 +337,23 @@ impl Cache {
                 }));
             }
         };
-        let parsed = if inputs {
-            serde_json::from_slice(&bytes)
-        } else {
-            serde_json::from_slice::<ManifestSansInputs>(&bytes).map(Manifest::from)
+        // UTF-8 is checked once for the whole file, so that the parser (reading a `&str`)
+        // does not check every string it copies out again.
+        let parsed = match std::str::from_utf8(&bytes) {
+            Err(e) => Err(e.to_string()),
+            Ok(text) if inputs => serde_json::from_str(text).map_err(|e| e.to_string()),
+            Ok(text) => serde_json::from_str::<ManifestSansInputs>(text)
+                .map(Manifest::from)
+                .map_err(|e| e.to_string()),
         };
         let manifest: Manifest = match parsed {
             Ok(m) => m,
-            Err(e) => {
+            Err(detail) => {
                 return self.reject(
                     key,
                     MissReason::BadManifest {
                         path: mpath,
-                        detail: e.to_string(),
+                        detail,
                     },
                 );
             }
@@ -509,7 +528,7 @@ impl Cache {
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(want);
         // Store files are `stat`ed relative to `v1/` ([`crate::rel`]).
-        let rel = path.strip_prefix(&self.v).ok();
+        let rel = self.in_store(path);
         if known {
             let len = match rel {
                 Some(rel) => self.vfd.size(rel),
@@ -672,5 +691,28 @@ mod fsync_flag_tests {
         for off in ["", "0", "false", "no", "off", "2"] {
             assert!(!parse_flag(off), "{off:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod in_store_tests {
+    use super::*;
+
+    #[test]
+    fn only_paths_under_v1_are_made_relative() {
+        let t = tempfile::tempdir().unwrap();
+        let c = Cache::open(t.path()).unwrap();
+        let v = c.root().join(LAYOUT_VERSION);
+        let obj = v.join("objects/ab/cd");
+        assert_eq!(c.in_store(&obj), Some(Path::new("objects/ab/cd")));
+        assert_eq!(c.in_store(&v), None);
+        let sibling = c.root().join("v1x/objects");
+        assert_eq!(c.in_store(&sibling), None);
+        assert_eq!(c.in_store(Path::new("/elsewhere/v1/objects")), None);
+        // What a relative path names is what the absolute one names.
+        std::fs::write(v.join("tmp/f"), b"abc").unwrap();
+        let f = v.join("tmp/f");
+        let rel = c.in_store(&f).unwrap();
+        assert_eq!(c.vfd.read(rel).unwrap(), b"abc");
     }
 }
