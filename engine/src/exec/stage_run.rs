@@ -302,17 +302,54 @@ pub(super) fn finish(
         &env.recipe.dir,
         &node.params,
         &outputs,
-        &StatDigests(env.cache),
+        &StatDigests {
+            cache: env.cache,
+            entry,
+            outputs: &outputs,
+        },
     )?;
     Ok(())
 }
 
-/// [`FileDigests`] through the cache's stat cache.
-struct StatDigests<'a>(&'a Cache);
+/// [`FileDigests`] for a restore: a file of one of the entry's materialized outputs has
+/// the digest its manifest lists (`materialize` has just verified the tree against it), so
+/// it needs no `stat`; any other file goes through the cache's stat cache.
+struct StatDigests<'a> {
+    cache: &'a Cache,
+    entry: &'a Entry,
+    /// Output name -> its materialized directory.
+    outputs: &'a BTreeMap<String, PathBuf>,
+}
+
+impl StatDigests<'_> {
+    fn listed(&self, path: &Path) -> Option<([u8; 32], u64)> {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = path.as_os_str().as_bytes();
+        self.outputs.iter().find_map(|(name, dir)| {
+            let rel = bytes
+                .strip_prefix(dir.as_os_str().as_bytes())?
+                .strip_prefix(b"/")?;
+            let tree = self.entry.manifest.outputs.get(name)?;
+            // Tree listings are sorted by path, bytewise.
+            let i = tree
+                .entries
+                .binary_search_by(|e| e.path.as_bytes().cmp(rel))
+                .ok()?;
+            let e = &tree.entries[i];
+            (e.kind == cache::hash::NodeKind::File)
+                .then_some(())
+                .and(e.digest)
+                .map(|d| (d.0, e.size))
+        })
+    }
+}
 
 impl FileDigests for StatDigests<'_> {
     fn file_digest(&self, path: &Path) -> Option<([u8; 32], u64)> {
-        let (digest, size) = self.0.file_digest(path).ok()?;
+        if let Some(found) = self.listed(path) {
+            return Some(found);
+        }
+        let (digest, size) = self.cache.file_digest(path).ok()?;
         Some((digest.0, size))
     }
 }

@@ -140,6 +140,14 @@ impl StableHasher {
         inner.update(&self.buf);
         *inner.finalize().as_bytes()
     }
+
+    /// [`StableHasher::finish`], consuming the hasher: no copy of blake3's state (which
+    /// `finish` must make to stay usable), for the one-shot keys.
+    #[must_use]
+    pub fn into_digest(mut self) -> [u8; 32] {
+        self.inner.update(&self.buf);
+        *self.inner.finalize().as_bytes()
+    }
 }
 
 /// A value with a canonical encoding (see the module docs).
@@ -311,6 +319,7 @@ mod tests {
         assert_eq!(h.finish(), *plain.finalize().as_bytes());
         // `finish` leaves the hasher usable and gives the same answer twice.
         assert_eq!(h.finish(), *plain.finalize().as_bytes());
+        assert_eq!(h.into_digest(), *plain.finalize().as_bytes());
     }
 
     #[test]

@@ -94,7 +94,7 @@ impl KeyManifest {
         }
         h.write(&self.seed);
         h.write(&self.env);
-        Digest(h.finish())
+        Digest(h.into_digest())
     }
 
     /// Whether this manifest was written by the current key schema.
