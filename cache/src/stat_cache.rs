@@ -19,13 +19,14 @@
 //! whatever another process saved meanwhile. A missing, truncated or foreign file is an
 //! empty cache: losing it costs only rehashing.
 
-use std::collections::HashMap;
 use std::fs::{self, Metadata};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use foldhash::{HashMap, HashMapExt};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};

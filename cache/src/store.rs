@@ -13,7 +13,6 @@
 //! - A mismatch is [`Error::Corrupt`]: the bad object, the tree built from it and the entry
 //!   are removed, and the engine reruns the stage. Bad data is never handed to a stage.
 
-use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::unix::fs::PermissionsExt;
@@ -21,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use foldhash::{HashSet, HashSetExt};
 use rayon::prelude::*;
 
 use crate::digest::{Digest, Key};

@@ -14,8 +14,9 @@
 //! reported once, naming every stage on it and labelling the reference that closes each edge.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 
+use foldhash::{HashMap, HashMapExt};
 use serde_json::Value;
 
 use super::error::{Label, closest, did_you_mean, one_of};

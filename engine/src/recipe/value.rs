@@ -10,7 +10,7 @@
 //! topological order) and a name index, because the `stages` table of a generated recipe
 //! can hold 10,000 entries and merges look names up.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
