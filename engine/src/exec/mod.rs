@@ -15,7 +15,10 @@
 //! Keys are computed *lazily*: a stage's key needs the output digests of its inputs, which
 //! exist only once the upstream stage is a hit or has committed. Each key is computed once
 //! per run. Hits cost one manifest read plus stats ([`cache::Cache::probe`]); the previous
-//! run's manifest is loaded (through the ref) only on a miss, to explain it.
+//! run's manifest is loaded (through the ref) only on a miss, to explain it. Stages whose
+//! inputs are all committed are looked up a ready batch at a time, on rayon's threads when
+//! the batch is big (a no-op rerun of a wide recipe), and what each lookup found is applied
+//! to the run in index order, so the events and the summary do not depend on the threads.
 //!
 //! # Scheduling ([`local`])
 //!
