@@ -101,8 +101,9 @@ impl StageKind for SynthCoin {
     fn version(&self) -> u32 {
         // 2: ScienceQA's shape questions show one large object, GQA and Grounding scenes have
         // one object per colour (GQA asks the colour at a relation), TextVQA's letters are
-        // half as large again.
-        2
+        // half as large again. 3: captions also write TextVQA's lower-case words, and a
+        // grounded kind names objects by letter with their boxes.
+        3
     }
     fn doc(&self) -> &'static str {
         "Generate a synthetic CoIN look-alike (8 tasks in CoIN order, each in its native answer style, \

@@ -462,19 +462,24 @@ pub fn vizwiz(rng: &mut StdRng, size: u32) -> Sample {
     }
 }
 
+/// An object's box normalized to the image, as Grounding answers it.
+fn obj_box(o: &Obj, size: u32) -> String {
+    let s = f64::from(size);
+    let r = o.rect;
+    format_bbox([
+        f64::from(r.x1) / s,
+        f64::from(r.y1) / s,
+        f64::from(r.x2) / s,
+        f64::from(r.y2) / s,
+    ])
+}
+
 /// Grounding: the box of the referred object among two to four distinct ones.
 pub fn grounding(rng: &mut StdRng, size: u32) -> Sample {
     let n = rng.random_range(2..=4);
     let objs = place(rng, size, n, Distinct::Colors);
     let t = objs[rng.random_range(0..n)];
-    let s = f64::from(size);
-    let r = t.rect;
-    let bbox = format_bbox([
-        f64::from(r.x1) / s,
-        f64::from(r.y1) / s,
-        f64::from(r.x2) / s,
-        f64::from(r.y2) / s,
-    ]);
+    let bbox = obj_box(&t, size);
     Sample {
         question: format!("{GROUNDING_PREFIX}{}.", t.name()),
         answer: bbox.clone(),
@@ -613,11 +618,12 @@ const CAPTION_PROMPTS: [&str; 4] = [
 ];
 
 /// A captioning sample for the pretraining split: the question is a caption prompt and the
-/// answer a caption naming colours, shapes, places, counts, words, classes and covers; no
-/// options, boxes or task instructions.
+/// answer a caption naming colours, shapes, places, counts, words and classes; one kind is a
+/// grounded caption (objects by letter with their boxes). No questions, options or task
+/// instructions.
 pub fn caption(rng: &mut StdRng, size: u32) -> Sample {
     let prompt = *CAPTION_PROMPTS.choose(rng).unwrap_or(&CAPTION_PROMPTS[0]);
-    let (answer, image) = match rng.random_range(0..5) {
+    let (answer, image) = match rng.random_range(0..6) {
         0 => {
             let n = rng.random_range(1..=3);
             let objs = place(rng, size, n, Distinct::Pairs);
@@ -654,11 +660,34 @@ pub fn caption(rng: &mut StdRng, size: u32) -> Sample {
             )
         }
         2 => {
+            // The lower-case word mid-sentence, as a TextVQA answer spells it: an answer token
+            // the language model never produced in pretraining stays out of a LoRA's reach.
             let s = text_vqa(rng, size);
             let word = s.answer.to_uppercase();
             (
-                format!("The word {word} written in letters on a grey background."),
+                format!(
+                    "The word {word} written in letters on a grey background, {} in lower case.",
+                    s.answer
+                ),
                 s.image,
+            )
+        }
+        5 => {
+            // A grounded caption: objects named by letter with their boxes (normalized as
+            // Grounding writes them), so positions, box coordinates and option letters are
+            // words the model has read and written before any task.
+            let n = rng.random_range(2..=4);
+            let objs = place(rng, size, n, Distinct::Pairs);
+            let parts: Vec<String> = objs
+                .iter()
+                .zip(["A", "B", "C", "D"])
+                .map(|(o, letter)| {
+                    format!("shape {letter} at {} is a {}", obj_box(o, size), o.name())
+                })
+                .collect();
+            (
+                capitalize(&format!("{}.", parts.join(" and "))),
+                render(size, &objs),
             )
         }
         3 => {
