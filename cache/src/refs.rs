@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::digest::Key;
 use crate::error::{Error, Result};
 use crate::fsutil::{self, now_ms};
+use crate::rel::Parsed;
 use crate::store::Cache;
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -65,12 +66,12 @@ impl Cache {
         let dir = fsutil::safe_join(Path::new("refs"), "experiment", experiment, false)?;
         let mut rel = fsutil::safe_join(&dir, "stage", stage, true)?.into_os_string();
         rel.push(".json");
-        let Ok(bytes) = self.vfd.read(Path::new(&rel)) else {
-            return Ok(None);
-        };
-        Ok(serde_json::from_slice::<RefFile>(&bytes)
-            .ok()
-            .map(|r| r.key))
+        let parse = |b: &[u8]| serde_json::from_slice::<RefFile>(b).ok().map(|r| r.key);
+        Ok(match self.vfd.read_parsed(Path::new(&rel), parse) {
+            Ok(Parsed::Value(key)) => Some(key),
+            Ok(Parsed::Bytes(bytes)) => parse(&bytes),
+            Err(_) => None,
+        })
     }
 
     /// Points `<runs_root>/<experiment>/<stage>/<output>` at `target` (a materialized tree)

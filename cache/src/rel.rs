@@ -35,19 +35,46 @@ impl DirFd {
         Ok(DirFd(fd))
     }
 
-    /// The whole content of the small file `rel`: `openat`, `read` until end of file,
-    /// `close` (no `fstat` to size the buffer, as `fs::read` would do).
-    pub(crate) fn read(&self, rel: &Path) -> io::Result<Vec<u8>> {
+    /// Reads the small file `rel` and hands its content to `parse`, in one `read` when the
+    /// file fits the buffer: a regular file's `read` returns less than asked for only at its
+    /// end, so when that content parses, the second `read` that would confirm the end of the
+    /// file is skipped (one syscall less per manifest and per ref of every cache hit). When
+    /// it does not parse, or fills the buffer, the rest is read and the whole content comes
+    /// back for the caller to parse (and report) as usual.
+    pub(crate) fn read_parsed<T>(
+        &self,
+        rel: &Path,
+        parse: impl FnOnce(&[u8]) -> Option<T>,
+    ) -> io::Result<Parsed<T>> {
+        thread_local! {
+            // Zeroed once per thread, then reused: no per-read allocation or clearing.
+            static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 64 * 1024]);
+        }
         let fd = rustix::fs::openat(
             &self.0,
             rel,
             OFlags::RDONLY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        let mut buf = Vec::with_capacity(4096);
-        // Through `Take`, `read_to_end` has no size hint to ask the file for.
-        File::from(fd).take(u64::MAX).read_to_end(&mut buf)?;
-        Ok(buf)
+        let mut file = File::from(fd);
+        BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let n = loop {
+                match file.read(&mut buf) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            };
+            if n < buf.len()
+                && let Some(t) = parse(&buf[..n])
+            {
+                return Ok(Parsed::Value(t));
+            }
+            let mut all = buf[..n].to_vec();
+            file.take(u64::MAX).read_to_end(&mut all)?;
+            Ok(Parsed::Bytes(all))
+        })
     }
 
     /// The identity and timestamps of `rel` (symlinks followed), as the stat cache keys
@@ -70,10 +97,26 @@ impl DirFd {
     }
 }
 
+/// What [`DirFd::read_parsed`] got.
+pub(crate) enum Parsed<T> {
+    /// The file's content, parsed.
+    Value(T),
+    /// The file's whole content, which the parser did not take in one piece.
+    Bytes(Vec<u8>),
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::fs;
+
+    /// The whole content of `rel`, through `read_parsed` with a parser that takes nothing.
+    pub(crate) fn read_all(d: &DirFd, rel: &str) -> io::Result<Vec<u8>> {
+        match d.read_parsed(Path::new(rel), |_| None::<()>)? {
+            Parsed::Bytes(b) => Ok(b),
+            Parsed::Value(()) => unreachable!("the parser takes nothing"),
+        }
+    }
 
     #[test]
     fn relative_calls_see_what_absolute_ones_see() {
@@ -81,11 +124,11 @@ mod tests {
         fs::create_dir_all(t.path().join("a/b")).unwrap();
         fs::write(t.path().join("a/b/f.txt"), b"hello").unwrap();
         let d = DirFd::open(t.path()).unwrap();
-        assert_eq!(d.read(Path::new("a/b/f.txt")).unwrap(), b"hello");
+        assert_eq!(read_all(&d, "a/b/f.txt").unwrap(), b"hello");
         assert_eq!(d.size(Path::new("a/b/f.txt")).unwrap(), 5);
         let meta = fs::metadata(t.path().join("a/b/f.txt")).unwrap();
         assert_eq!(d.stamp(Path::new("a/b/f.txt")).unwrap(), Stamp::of(&meta));
-        let missing = d.read(Path::new("a/b/none")).unwrap_err();
+        let missing = read_all(&d, "a/b/none").unwrap_err();
         assert_eq!(missing.kind(), io::ErrorKind::NotFound);
         assert_eq!(
             d.size(Path::new("a/none")).unwrap_err().kind(),
@@ -94,6 +137,40 @@ mod tests {
         // A file larger than the first buffer is read whole.
         let big = vec![7u8; 10_000];
         fs::write(t.path().join("big"), &big).unwrap();
-        assert_eq!(d.read(Path::new("big")).unwrap(), big);
+        assert_eq!(read_all(&d, "big").unwrap(), big);
+    }
+
+    #[test]
+    fn read_parsed_parses_in_one_piece_or_returns_everything() {
+        let t = tempfile::tempdir().unwrap();
+        let d = DirFd::open(t.path()).unwrap();
+        fs::write(t.path().join("small"), b"{\"a\":1}").unwrap();
+        let got = d
+            .read_parsed(Path::new("small"), |b| Some(b.len()))
+            .unwrap();
+        assert!(matches!(got, Parsed::Value(7)));
+        // A parser that refuses gets the whole content back, also past the buffer.
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(t.path().join("big"), &big).unwrap();
+        let mut called = false;
+        let got = d
+            .read_parsed(Path::new("big"), |_| -> Option<()> {
+                called = true;
+                None
+            })
+            .unwrap();
+        assert!(
+            !called,
+            "a buffer-filling read is never parsed as the whole file"
+        );
+        assert!(matches!(got, Parsed::Bytes(b) if b == big));
+        let got = d.read_parsed(Path::new("small"), |_| None::<()>).unwrap();
+        assert!(matches!(got, Parsed::Bytes(b) if b == b"{\"a\":1}"));
+        assert_eq!(
+            d.read_parsed(Path::new("none"), |_| Some(()))
+                .err()
+                .map(|e| e.kind()),
+            Some(io::ErrorKind::NotFound)
+        );
     }
 }

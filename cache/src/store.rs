@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::hash::{self, NodeKind, Tree};
 use crate::manifest::{Entry, Lookup, MANIFEST_FORMAT, Manifest, ManifestSansInputs, MissReason};
-use crate::rel::DirFd;
+use crate::rel::{DirFd, Parsed};
 use crate::stat_cache::StatCache;
 
 /// Name of the versioned layout directory; bump on any incompatible layout change (old
@@ -324,8 +324,23 @@ impl Cache {
         let dir = self.entry_dir(key);
         let mpath = dir.join("manifest.json");
         let rel = format!("entries/{}/manifest.json", &*key.hex());
-        let bytes = match self.vfd.read(Path::new(&rel)) {
-            Ok(b) => b,
+        // UTF-8 is checked once for the whole file, so that the parser (reading a `&str`)
+        // does not check every string it copies out again.
+        let parse = |bytes: &[u8]| -> std::result::Result<Manifest, String> {
+            match std::str::from_utf8(bytes) {
+                Err(e) => Err(e.to_string()),
+                Ok(text) if inputs => serde_json::from_str(text).map_err(|e| e.to_string()),
+                Ok(text) => serde_json::from_str::<ManifestSansInputs>(text)
+                    .map(Manifest::from)
+                    .map_err(|e| e.to_string()),
+            }
+        };
+        let read = self
+            .vfd
+            .read_parsed(Path::new(&rel), |bytes| parse(bytes).ok());
+        let parsed = match read {
+            Ok(Parsed::Value(m)) => Ok(m),
+            Ok(Parsed::Bytes(bytes)) => parse(&bytes),
             Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
                 return Ok(Lookup::Miss(MissReason::NotFound));
             }
@@ -336,15 +351,6 @@ impl Cache {
                     detail: e.to_string(),
                 }));
             }
-        };
-        // UTF-8 is checked once for the whole file, so that the parser (reading a `&str`)
-        // does not check every string it copies out again.
-        let parsed = match std::str::from_utf8(&bytes) {
-            Err(e) => Err(e.to_string()),
-            Ok(text) if inputs => serde_json::from_str(text).map_err(|e| e.to_string()),
-            Ok(text) => serde_json::from_str::<ManifestSansInputs>(text)
-                .map(Manifest::from)
-                .map_err(|e| e.to_string()),
         };
         let manifest: Manifest = match parsed {
             Ok(m) => m,
@@ -713,6 +719,7 @@ mod in_store_tests {
         std::fs::write(v.join("tmp/f"), b"abc").unwrap();
         let f = v.join("tmp/f");
         let rel = c.in_store(&f).unwrap();
-        assert_eq!(c.vfd.read(rel).unwrap(), b"abc");
+        let rel = rel.to_str().unwrap();
+        assert_eq!(crate::rel::tests::read_all(&c.vfd, rel).unwrap(), b"abc");
     }
 }
