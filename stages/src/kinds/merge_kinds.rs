@@ -131,11 +131,7 @@ impl StageKind for ModelMerge {
         }]
     }
     fn resources(&self, _: &Value) -> Resources {
-        Resources {
-            cpus: 1,
-            memory_mb: 2048,
-            ..Resources::default()
-        }
+        super::common::cpu_resources()
     }
     fn run(&self, ctx: &mut StageCtx<'_>) -> Result<(), StageError> {
         crate::model::configure_cpu_runtime();

@@ -6,9 +6,11 @@
 pub mod cl_metrics;
 pub mod coin_data;
 pub mod coin_eval;
+mod common;
 pub mod merge_kinds;
 pub mod report;
 pub mod sft;
+pub mod tokenizer_kind;
 pub mod train_kinds;
 pub mod vision_kind;
 

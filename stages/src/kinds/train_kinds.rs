@@ -1,11 +1,11 @@
-//! Model-building and training kinds: `tokenizer.train`, `train.pretrain`, `train.lora`.
+//! Model-building and training kinds: `train.pretrain`, `train.lora` (and the registration of
+//! `tokenizer.train`, which lives in [`super::tokenizer_kind`]).
 //!
-//! - `tokenizer.train` learns the tiny preset's BPE on every text of a CoIN dataset artifact
-//!   (training conversations, test questions and answers, pretraining captions), in file order,
-//!   so the vocabulary is a function of the data alone.
 //! - `train.pretrain` builds a model from a preset with random weights seeded by `ctx.seed`
 //!   (vocabulary and special ids taken from the tokenizer) and trains every parameter (vision
 //!   tower, projector, decoder) on the dataset's captioning split and optionally task splits.
+//!   With `vision` it starts from a `train.vision` tower ([`super::vision_kind`]) instead of
+//!   random vision weights, and `freeze_vision` keeps that tower fixed, as LLaVA keeps CLIP.
 //! - `train.lora` attaches a fresh LoRA to a base model, trains it (plus the projector in its
 //!   own lr group, as SEFE does) on one task's training file and saves the adapter in PEFT
 //!   layout, next to the trained projector (`non_lora_trainables.safetensors`, LLaVA's name for
@@ -37,14 +37,16 @@ use engine::stage::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+pub use super::tokenizer_kind::TokenizerTrain;
+
+use super::common::{cpu_resources, loop_specs, model_preset, other, spec, split_file};
 use super::sft::{
     LoopParams, Sft, SftSet, load_records, run_training, template, train_err, write_model_dir,
 };
-use crate::data::coin::{DatasetInfo, read_test, read_train};
-use crate::model::chat::VICUNA_V1_SYSTEM;
+use crate::data::coin::DatasetInfo;
 use crate::model::image::ImageProcessorConfig;
 use crate::model::lora::TargetModules;
-use crate::model::tokenizer::{BpeTrainingConfig, LlavaTokenizer};
+use crate::model::tokenizer::LlavaTokenizer;
 use crate::model::{Llava, LoraConfig, TrainMode, preset};
 use crate::train::ParamGroup;
 use crate::train::reglora::{KeyElements, RegLoraPenalty};
@@ -66,206 +68,6 @@ pub fn register(registry: &mut Registry) {
     registry.register(LoraTrain);
 }
 
-pub(super) fn spec(
-    name: &'static str,
-    ty: ParamType,
-    default: Option<Value>,
-    doc: &'static str,
-) -> ParamSpec {
-    ParamSpec {
-        name,
-        ty,
-        default,
-        doc,
-    }
-}
-
-pub(super) fn other(e: impl std::fmt::Display) -> StageError {
-    StageError::Input(e.to_string())
-}
-
-/// The optimization parameters shared by both training kinds, with per-kind defaults.
-pub(super) fn loop_specs(steps: i64, batch: i64, every: i64) -> Vec<ParamSpec> {
-    vec![
-        spec(
-            "steps",
-            ParamType::Int,
-            Some(json!(steps)),
-            "optimizer steps (0: derive from `epochs`)",
-        ),
-        spec(
-            "epochs",
-            ParamType::Float,
-            Some(json!(1.0)),
-            "passes over the data when `steps` = 0",
-        ),
-        spec(
-            "batch_size",
-            ParamType::Int,
-            Some(json!(batch)),
-            "examples per micro-batch",
-        ),
-        spec(
-            "grad_accum",
-            ParamType::Int,
-            Some(json!(1)),
-            "micro-batches per optimizer step",
-        ),
-        spec(
-            "warmup_ratio",
-            ParamType::Float,
-            Some(json!(0.03)),
-            "linear warmup fraction before the cosine decay",
-        ),
-        spec(
-            "weight_decay",
-            ParamType::Float,
-            Some(json!(0.0)),
-            "AdamW weight decay",
-        ),
-        spec(
-            "max_grad_norm",
-            ParamType::Float,
-            Some(json!(1.0)),
-            "global gradient-norm clip (0: off)",
-        ),
-        spec(
-            "checkpoint_every",
-            ParamType::Int,
-            Some(json!(every)),
-            "checkpoint period in steps, for resume (0: never)",
-        ),
-    ]
-}
-
-pub(super) fn cpu_resources() -> Resources {
-    Resources {
-        cpus: 1,
-        memory_mb: 2048,
-        ..Resources::default()
-    }
-}
-
-/// `tokenizer.train`.
-#[derive(Debug, Clone, Copy)]
-pub struct TokenizerTrain;
-
-#[derive(Deserialize)]
-struct TokParams {
-    vocab_size: i64,
-    min_frequency: i64,
-}
-
-/// Every text the model reads, in a fixed order: per task the training turns, then the test
-/// questions and answers; then the pretraining captions (and their prompts). Each training
-/// conversation also contributes the chat template's fixed text (the `vicuna_v1` system prompt
-/// and the turn markers) once, as the model sees it once per example: without it BPE never
-/// merges the system prompt, which then costs 92 character-level tokens in every sequence
-/// (more than the answer and question together), about a third of each training step.
-fn corpus(dir: &Path, info: &DatasetInfo) -> Result<Vec<String>, StageError> {
-    let mut out = Vec::new();
-    let template_text = || [VICUNA_V1_SYSTEM.to_string(), "USER: ASSISTANT:".to_string()];
-    for t in &info.tasks {
-        for r in read_train(&dir.join(&t.train))? {
-            out.extend(template_text());
-            out.extend(
-                r.conversations
-                    .into_iter()
-                    .map(|c| c.value.replace("<image>", "")),
-            );
-        }
-        for r in read_test(&dir.join(&t.test))? {
-            out.push(r.text);
-            out.extend(r.answer);
-        }
-    }
-    if let Some(p) = &info.pretrain {
-        for r in read_train(&dir.join(&p.file))? {
-            out.extend(template_text());
-            out.extend(
-                r.conversations
-                    .into_iter()
-                    .map(|c| c.value.replace("<image>", "")),
-            );
-        }
-    }
-    Ok(out)
-}
-
-impl StageKind for TokenizerTrain {
-    fn kind(&self) -> &'static str {
-        "tokenizer.train"
-    }
-    fn version(&self) -> u32 {
-        2
-    }
-    fn doc(&self) -> &'static str {
-        "Train the tiny model's byte-fallback-free BPE tokenizer (Llama-style specials, `<image>` and \
-         `<pad>` last) on every text of a CoIN dataset; output holds `tokenizer.json`."
-    }
-    fn params(&self) -> Vec<ParamSpec> {
-        vec![
-            spec(
-                "data",
-                ParamType::Ref(ArtifactType::Dataset),
-                None,
-                "CoIN dataset artifact",
-            ),
-            spec(
-                "vocab_size",
-                ParamType::Int,
-                Some(json!(1024)),
-                "total vocabulary, specials included",
-            ),
-            spec(
-                "min_frequency",
-                ParamType::Int,
-                Some(json!(2)),
-                "minimum pair count for a merge",
-            ),
-        ]
-    }
-    fn outputs(&self, _: &Value) -> Vec<OutputSpec> {
-        vec![OutputSpec {
-            name: "tokenizer",
-            ty: ArtifactType::Tokenizer,
-            doc: "`tokenizer.json` (Hugging Face format)",
-        }]
-    }
-    fn run(&self, ctx: &mut StageCtx<'_>) -> Result<(), StageError> {
-        let p: TokParams = ctx.params()?;
-        let dir = ctx.input("data")?.to_path_buf();
-        let info = DatasetInfo::load(&dir)?;
-        let text = corpus(&dir, &info)?;
-        let cfg = BpeTrainingConfig {
-            vocab_size: usize::try_from(p.vocab_size).map_err(|_| {
-                StageError::Input(format!(
-                    "parameter `vocab_size` = {} is negative",
-                    p.vocab_size
-                ))
-            })?,
-            min_frequency: u64::try_from(p.min_frequency).map_err(|_| {
-                StageError::Input(format!(
-                    "parameter `min_frequency` = {} is negative",
-                    p.min_frequency
-                ))
-            })?,
-        };
-        let tok = LlavaTokenizer::train_bpe(text.iter(), &cfg).map_err(other)?;
-        let path = ctx.output("tokenizer").join("tokenizer.json");
-        tok.save(&path).map_err(other)?;
-        let _ = writeln!(
-            ctx.log,
-            "trained on {} texts: {} ids (<image> {}, <pad> {})",
-            text.len(),
-            tok.vocab_size(),
-            tok.image_id,
-            tok.pad_id
-        );
-        Ok(())
-    }
-}
-
 /// `train.pretrain`.
 #[derive(Debug, Clone, Copy)]
 pub struct Pretrain;
@@ -281,47 +83,6 @@ struct PretrainParams {
     weight_decay: f64,
     #[serde(flatten)]
     lp: LoopParams,
-}
-
-pub(super) fn model_preset(table: &serde_json::Map<String, Value>) -> Result<String, StageError> {
-    for k in table.keys() {
-        if k != "preset" {
-            return Err(StageError::Input(format!(
-                "parameter `model`: unknown key `{k}` (expected `preset`, one of {:?})",
-                preset::PRESETS
-            )));
-        }
-    }
-    match table.get("preset") {
-        Some(Value::String(s)) => Ok(s.clone()),
-        _ => Err(StageError::Input(format!(
-            "parameter `model`: expected {{ preset = \"...\" }} with one of {:?}",
-            preset::PRESETS
-        ))),
-    }
-}
-
-/// The annotation file of split `name`: `pretrain` or a task name.
-pub(super) fn split_file(dir: &Path, info: &DatasetInfo, name: &str) -> Result<String, StageError> {
-    if name == "pretrain" {
-        return info
-            .pretrain
-            .as_ref()
-            .map(|p| p.file.clone())
-            .ok_or_else(|| {
-                StageError::Input(format!(
-                    "{}: the dataset has no `pretrain` split",
-                    dir.join("dataset.json").display()
-                ))
-            });
-    }
-    info.task(name).map(|t| t.train.clone()).ok_or_else(|| {
-        let names: Vec<&str> = info.tasks.iter().map(|t| t.name.as_str()).collect();
-        StageError::Input(format!(
-            "{}: no split `{name}` (have `pretrain` and tasks {names:?})",
-            dir.join("dataset.json").display()
-        ))
-    })
 }
 
 impl StageKind for Pretrain {

@@ -40,8 +40,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::common::{cpu_resources, loop_specs, model_preset, other, spec, split_file};
 use super::sft::{LogLine, LoopParams, run_training, train_err};
-use super::train_kinds::{cpu_resources, loop_specs, model_preset, other, spec, split_file};
 use crate::data::coin::{DatasetInfo, read_train};
 use crate::model::image::ImageProcessorConfig;
 use crate::model::weights::save_safetensors;
