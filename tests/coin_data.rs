@@ -5,24 +5,18 @@
 #![cfg(feature = "ml")]
 
 use std::path::Path;
-use std::process::{Command, Output};
+
+// This test uses only the `pipeline` command of the shared support module.
+#[allow(dead_code)]
+mod support;
+
+use support::pipeline;
 
 fn fixture() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("stages/tests/fixtures/coin-mini")
         .to_string_lossy()
         .into_owned()
-}
-
-fn pipeline(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pipeline"))
-        .current_dir(dir)
-        .env_remove("PIPELINE_CACHE_DIR")
-        .env_remove("PIPELINE_RUNS_DIR")
-        .args(args)
-        .args(["--cache-dir", ".cache", "--runs-dir", "runs"])
-        .output()
-        .unwrap()
 }
 
 fn recipe(root: &str) -> String {
