@@ -145,17 +145,7 @@ impl StageKind for Shell {
         params: &serde_json::Value,
         outputs: &BTreeMap<String, PathBuf>,
     ) -> Result<(), StageError> {
-        let outs: Vec<String> = params
-            .get("outs")
-            .and_then(|v| serde_json::from_value(v.clone()).ok())
-            .unwrap_or_default();
-        let Some(dir) = outputs.get("out") else {
-            return Ok(());
-        };
-        for out in checked_outs(&outs)? {
-            restore_tree(&dir.join(&out), &recipe_dir.join(&out), None)?;
-        }
-        Ok(())
+        restore_outs(recipe_dir, params, outputs, None)
     }
 
     fn restore_with(
@@ -165,21 +155,34 @@ impl StageKind for Shell {
         outputs: &BTreeMap<String, PathBuf>,
         digests: &dyn FileDigests,
     ) -> Result<(), StageError> {
-        let Some(dir) = outputs.get("out") else {
-            return Ok(());
-        };
-        let Some(list) = params.get("outs").and_then(serde_json::Value::as_array) else {
-            return Ok(());
-        };
-        for out in list {
-            let Some(out) = out.as_str() else {
-                continue;
-            };
-            let out = checked_out(out)?;
-            restore_tree(&dir.join(&out), &recipe_dir.join(&out), Some(digests))?;
-        }
-        Ok(())
+        restore_outs(recipe_dir, params, outputs, Some(digests))
     }
+}
+
+/// Puts the declared outs of a cached entry back into the recipe directory (every out is
+/// checked before any is written). Reads the `outs` list in place: this runs for every hit
+/// of a rerun.
+fn restore_outs(
+    recipe_dir: &Path,
+    params: &serde_json::Value,
+    outputs: &BTreeMap<String, PathBuf>,
+    digests: Option<&dyn FileDigests>,
+) -> Result<(), StageError> {
+    let Some(dir) = outputs.get("out") else {
+        return Ok(());
+    };
+    let Some(list) = params.get("outs").and_then(serde_json::Value::as_array) else {
+        return Ok(());
+    };
+    let outs = list
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .map(checked_out)
+        .collect::<Result<Vec<_>, _>>()?;
+    for out in outs {
+        restore_tree(&dir.join(&out), &recipe_dir.join(&out), digests)?;
+    }
+    Ok(())
 }
 
 /// Outs must stay inside the recipe directory.

@@ -74,8 +74,10 @@ fn write_merged(
     Ok(())
 }
 
-/// Puts the adapter's non-LoRA trained parameters (the projector) into `model`.
-pub(super) fn apply_non_lora(model: &mut Llava, file: &Path) -> Result<usize, StageError> {
+/// Puts every tensor of a safetensors file into `model` under its (canonical) name: an
+/// adapter's non-LoRA trained parameters (the projector), a `train.vision` tower. A missing
+/// file sets nothing. Returns the number of tensors set.
+pub(super) fn set_params_from_file(model: &mut Llava, file: &Path) -> Result<usize, StageError> {
     if !file.is_file() {
         return Ok(0);
     }
@@ -155,7 +157,7 @@ impl StageKind for ModelMerge {
             cfg.image_token_index,
         )
         .map_err(input_err)?;
-        let extra = apply_non_lora(&mut model, &adapter.join(NON_LORA_FILE))?;
+        let extra = set_params_from_file(&mut model, &adapter.join(NON_LORA_FILE))?;
         model
             .load_adapter(&adapter, "task", false)
             .map_err(input_err)?;

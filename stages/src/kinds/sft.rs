@@ -120,23 +120,59 @@ pub struct Sft {
     pub model: Llava,
     /// The data.
     pub set: SftSet,
-    /// Image preprocessing.
-    pub proc: ImageProcessorConfig,
+    /// The records' preprocessed images.
+    pub pixels: PixelCache,
     /// Padding id.
     pub pad: u32,
     /// Extra loss terms (RegLoRA).
     pub hooks: Vec<Box<dyn LossHook>>,
-    /// Preprocessed images by record index, filled on first use when the whole set fits in
-    /// [`PIXEL_CACHE_BYTES`]: small runs decode and resize each image once instead of once per
-    /// epoch, while a real-size dataset streams from disk as before.
-    pub pixel_cache: Vec<Option<Tensor>>,
 }
 
 /// Upper bound on the memory the preprocessed-image cache may take.
 pub const PIXEL_CACHE_BYTES: usize = 512 << 20;
 
+/// Preprocessed images by example index, filled on first use when the whole set fits in
+/// [`PIXEL_CACHE_BYTES`]: small runs decode and resize each image once instead of once per
+/// epoch, while a real-size dataset streams from disk.
+pub struct PixelCache {
+    proc: ImageProcessorConfig,
+    slots: Vec<Option<Tensor>>,
+}
+
+impl PixelCache {
+    /// A cache for `n` examples' images, preprocessed by `proc`.
+    #[must_use]
+    pub fn new(proc: ImageProcessorConfig, n: usize) -> Self {
+        let (h, w) = proc.crop_size;
+        let per_image = 3 * h as usize * w as usize * std::mem::size_of::<f32>();
+        let keep = per_image.saturating_mul(n) <= PIXEL_CACHE_BYTES;
+        Self {
+            proc,
+            slots: vec![None; if keep { n } else { 0 }],
+        }
+    }
+
+    /// Example `i`'s image, read from `path` unless it is cached: `[3, H, W]`.
+    ///
+    /// # Errors
+    /// An unreadable or undecodable image, named.
+    pub fn get(&mut self, i: usize, path: &Path) -> Result<Tensor, TrainError> {
+        if let Some(t) = self.slots.get(i).and_then(Option::as_ref) {
+            return Ok(t.clone());
+        }
+        let t = self
+            .proc
+            .preprocess_file(path, &Device::Cpu)
+            .map_err(obj_err)?;
+        if let Some(slot) = self.slots.get_mut(i) {
+            *slot = Some(t.clone());
+        }
+        Ok(t)
+    }
+}
+
 impl Sft {
-    fn pixels(&mut self, indices: &[usize]) -> Result<Option<Tensor>, TrainError> {
+    fn images(&mut self, indices: &[usize]) -> Result<Option<Tensor>, TrainError> {
         let with = indices
             .iter()
             .filter(|&&i| self.set.images[i].is_some())
@@ -150,29 +186,11 @@ impl Sft {
                     .into(),
             ));
         }
-        let (h, w) = self.proc.crop_size;
-        let per_image = 3 * h as usize * w as usize * std::mem::size_of::<f32>();
-        let cacheable = per_image.saturating_mul(self.set.images.len()) <= PIXEL_CACHE_BYTES;
-        if cacheable && self.pixel_cache.len() != self.set.images.len() {
-            self.pixel_cache = vec![None; self.set.images.len()];
-        }
         let mut imgs = Vec::with_capacity(indices.len());
         for &i in indices {
-            if let Some(t) = self.pixel_cache.get(i).and_then(Option::as_ref) {
-                imgs.push(t.clone());
-                continue;
+            if let Some(p) = self.set.images[i].as_ref() {
+                imgs.push(self.pixels.get(i, p)?);
             }
-            let Some(p) = self.set.images[i].as_ref() else {
-                continue;
-            };
-            let t = self
-                .proc
-                .preprocess_file(p, &Device::Cpu)
-                .map_err(obj_err)?;
-            if cacheable {
-                self.pixel_cache[i] = Some(t.clone());
-            }
-            imgs.push(t);
         }
         Ok(Some(Tensor::stack(&imgs, 0)?))
     }
@@ -200,7 +218,7 @@ impl Objective for Sft {
             .batch(&mb.indices)?
             .tensors(&Device::Cpu)
             .map_err(obj_err)?;
-        let pixels = self.pixels(&mb.indices)?;
+        let pixels = self.images(&mb.indices)?;
         self.model.set_dropout_seed(Some(mb.seed));
         let hidden = self
             .model

@@ -41,7 +41,8 @@ pub use super::tokenizer_kind::TokenizerTrain;
 
 use super::common::{cpu_resources, loop_specs, model_preset, other, spec, split_file};
 use super::sft::{
-    LoopParams, Sft, SftSet, load_records, run_training, template, train_err, write_model_dir,
+    LoopParams, PixelCache, Sft, SftSet, load_records, run_training, template, train_err,
+    write_model_dir,
 };
 use crate::data::coin::DatasetInfo;
 use crate::model::image::ImageProcessorConfig;
@@ -203,13 +204,13 @@ impl StageKind for Pretrain {
         }];
         let tcfg = p.lp.config(set.examples.len(), ctx.seed)?;
         let proc = ImageProcessorConfig::clip(model.config().vision.image_size as u32);
+        let pixels = PixelCache::new(proc, set.images.len());
         let mut obj = Sft {
             model,
             set,
-            proc,
+            pixels,
             pad: tok.pad_id,
             hooks: Vec::new(),
-            pixel_cache: Vec::new(),
         };
         let n = obj.set.examples.len();
         let log = run_training(ctx, &mut obj, n, groups, tcfg)?;
@@ -497,13 +498,13 @@ impl StageKind for LoraTrain {
             hooks.push(Box::new(hook));
         }
         let tcfg = p.lp.config(set.examples.len(), ctx.seed)?;
+        let pixels = PixelCache::new(proc, set.images.len());
         let mut obj = Sft {
             model,
             set,
-            proc,
+            pixels,
             pad: tok.pad_id,
             hooks,
-            pixel_cache: Vec::new(),
         };
         let n = obj.set.examples.len();
         let log = run_training(ctx, &mut obj, n, groups, tcfg)?;

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::common::{cpu_resources, loop_specs, model_preset, other, spec, split_file};
-use super::sft::{LogLine, LoopParams, run_training, train_err};
+use super::sft::{LogLine, LoopParams, PixelCache, run_training, train_err};
 use crate::data::coin::{DatasetInfo, read_train};
 use crate::model::image::ImageProcessorConfig;
 use crate::model::weights::save_safetensors;
@@ -144,36 +144,20 @@ struct VisionBow {
     model: Llava,
     images: Vec<PathBuf>,
     labels: Labels,
-    proc: ImageProcessorConfig,
+    pixels: PixelCache,
     head_w: Tensor,
     head_b: Tensor,
-    pixel_cache: Vec<Option<Tensor>>,
 }
 
 impl VisionBow {
-    fn pixels(&mut self, indices: &[usize]) -> Result<Tensor, TrainError> {
-        let mut out = Vec::with_capacity(indices.len());
-        for &i in indices {
-            if let Some(t) = self.pixel_cache.get(i).and_then(Option::as_ref) {
-                out.push(t.clone());
-                continue;
-            }
-            let t = self
-                .proc
-                .preprocess_file(&self.images[i], &Device::Cpu)
-                .map_err(|e| TrainError::Objective(Box::new(e)))?;
-            if let Some(slot) = self.pixel_cache.get_mut(i) {
-                *slot = Some(t.clone());
-            }
-            out.push(t);
-        }
-        Ok(Tensor::stack(&out, 0)?)
-    }
-
     /// Per-image word logits `[n, words]`: every patch scores every word, the image takes
     /// the maximum.
     fn logits(&mut self, indices: &[usize]) -> Result<Tensor, TrainError> {
-        let px = self.pixels(indices)?;
+        let px = indices
+            .iter()
+            .map(|&i| self.pixels.get(i, &self.images[i]))
+            .collect::<Result<Vec<_>, _>>()?;
+        let px = Tensor::stack(&px, 0)?;
         let feats = self
             .model
             .vision_features(&px)
@@ -421,13 +405,7 @@ impl StageKind for VisionTrain {
         }];
         let tcfg = p.lp.config(n_train, ctx.seed)?;
         let proc = ImageProcessorConfig::clip(model.config().vision.image_size as u32);
-        let (h, wd) = proc.crop_size;
-        let per_image = 3 * h as usize * wd as usize * std::mem::size_of::<f32>();
-        let cache = if per_image.saturating_mul(images.len()) <= super::sft::PIXEL_CACHE_BYTES {
-            images.len()
-        } else {
-            0
-        };
+        let pixels = PixelCache::new(proc, images.len());
         let _ = std::io::Write::write_fmt(
             ctx.log,
             format_args!(
@@ -439,10 +417,9 @@ impl StageKind for VisionTrain {
             model,
             images,
             labels,
-            proc,
+            pixels,
             head_w: head_w.as_tensor().clone(),
             head_b: head_b.as_tensor().clone(),
-            pixel_cache: vec![None; cache],
         };
         let log = run_training(ctx, &mut obj, n_train, groups, tcfg)?;
         let held: Vec<usize> = (n_train..records.len()).collect();
@@ -516,7 +493,7 @@ pub fn load_vision(model: &mut Llava, dir: &Path) -> Result<usize, StageError> {
             wp.display()
         )));
     }
-    super::merge_kinds::apply_non_lora(model, &wp)
+    super::merge_kinds::set_params_from_file(model, &wp)
 }
 
 #[cfg(test)]
