@@ -102,8 +102,11 @@ impl StageKind for SynthCoin {
         // 2: ScienceQA's shape questions show one large object, GQA and Grounding scenes have
         // one object per colour (GQA asks the colour at a relation), TextVQA's letters are
         // half as large again. 3: captions also write TextVQA's lower-case words, and a
-        // grounded kind names objects by letter with their boxes.
-        3
+        // grounded kind names objects by letter with their boxes. 4: the grounded kind gives
+        // each cell and box after its object's name, count and relation captions name cells
+        // too; one box per grid cell (no jitter); ScienceQA lists all options in a fixed
+        // order; TextVQA's words start on the patch grid.
+        4
     }
     fn doc(&self) -> &'static str {
         "Generate a synthetic CoIN look-alike (8 tasks in CoIN order, each in its native answer style, \

@@ -17,7 +17,7 @@
 //! per-image signal needs no language model in the loop, so one step costs a few percent of
 //! a LLaVA step and the tower can see many more images than the caption stage.
 //!
-//! Words are the captions' lower-cased alphanumeric runs, sorted (the vocabulary is a function
+//! Words are the captions' lower-cased alphanumeric runs without digits, sorted (the vocabulary is a function
 //! of the data); the head (`[words, hidden]` plus a bias started at each word's log-odds, so
 //! the first steps learn to discriminate rather than the prior) is trained with the tower and
 //! dropped. The last `holdout` captions are not trained on: the output's `vision_log.json`
@@ -77,10 +77,11 @@ struct VisionParams {
     lp: LoopParams,
 }
 
-/// A caption's words: lower-cased alphanumeric runs.
+/// A caption's words: lower-cased alphanumeric runs without digits (numerals are box
+/// coordinates: a patch cannot show "0.37", and as labels they only add noise).
 fn words(text: &str) -> impl Iterator<Item = String> + '_ {
     text.split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
+        .filter(|w| !w.is_empty() && !w.chars().any(|c| c.is_ascii_digit()))
         .map(str::to_lowercase)
 }
 
@@ -274,7 +275,8 @@ impl StageKind for VisionTrain {
         "train.vision"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: numerals are not words.
+        2
     }
     fn doc(&self) -> &'static str {
         "Pretrain a preset's CLIP vision tower (random init, seeded) on a captioning split by \
