@@ -11,9 +11,9 @@
 //!    tree `trees/<tree-digest>/`: the tree is the staged directory itself, its files the
 //!    objects' inodes, exactly what `materialize` would build from the objects, without
 //!    building it. If the tree exists already, the staged copy is discarded.
-//! 5. `manifest.json` is written into the staging directory, which (holding the log and
+//! 5. `manifest.msgpack` is written into the staging directory, which (holding the log and
 //!    the manifest, `out/` moved away) is renamed to `entries/<key>/`. That rename is the
-//!    commit: a crash at any earlier point leaves no `entries/<key>/manifest.json`, hence no
+//!    commit: a crash at any earlier point leaves no `entries/<key>/manifest.msgpack`, hence no
 //!    entry; what it leaves (objects and trees nothing references, a staging dir) is garbage
 //!    for `gc`, never wrong data. With fsync on, the manifest and the staging directory
 //!    are synced before the rename and `entries/` after it. If `entries/<key>/` exists
@@ -44,7 +44,7 @@ use crate::digest::Key;
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::hash::{self, NodeKind, Tree};
-use crate::manifest::{CommitMeta, Entry, MANIFEST_FORMAT, Manifest};
+use crate::manifest::{CommitMeta, Entry, MANIFEST_FILE, MANIFEST_FORMAT, Manifest};
 use crate::store::Cache;
 
 /// A staging area for one attempt at a key. Dropping it without committing removes it.
@@ -240,11 +240,11 @@ impl Cache {
             host: self.host.clone(),
         };
         let edir = self.entry_dir(&key);
-        let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::Parse {
-            path: edir.join("manifest.json"),
-            source: e,
+        let bytes = manifest.encode().map_err(|source| Error::Parse {
+            path: edir.join(MANIFEST_FILE),
+            source,
         })?;
-        let staged_manifest = staging.dir.join("manifest.json");
+        let staged_manifest = staging.dir.join(MANIFEST_FILE);
         fsutil::write_new(&self.root, &staged_manifest, &bytes, self.opts.fsync)?;
         if crash == Some(CrashPoint::BeforeManifestRename) {
             staging.keep = true;
@@ -295,7 +295,7 @@ impl Cache {
         }
         fsutil::write_atomic(
             &self.root,
-            &edir.join("manifest.json"),
+            &edir.join(MANIFEST_FILE),
             bytes,
             self.opts.fsync,
         )

@@ -2,7 +2,9 @@
 //!
 //! It displays as 12 hex characters (enough to tell entries apart in logs and `plan`
 //! output), formats in full with `{:#}` or [`Digest::to_hex`], and serializes as the full
-//! 64-character lower-case hex string so manifests stay greppable and diffable.
+//! 64-character lower-case hex string in human-readable formats (JSON: key records, events,
+//! `--json`), and as its 32 raw bytes in binary ones (the MessagePack manifests), where
+//! decoding hex was a measurable part of every manifest read.
 
 use std::fmt;
 use std::str::FromStr;
@@ -125,23 +127,37 @@ fn decode_hex(s: &[u8]) -> Option<[u8; 32]> {
 
 impl serde::Serialize for Digest {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
+        if s.is_human_readable() {
+            s.serialize_str(&self.hex())
+        } else {
+            s.serialize_bytes(&self.0)
+        }
     }
 }
 
 impl<'de> serde::Deserialize<'de> for Digest {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct HexVisitor;
-        impl serde::de::Visitor<'_> for HexVisitor {
+        /// Hex text, or (binary formats) the 32 bytes.
+        struct DigestVisitor;
+        impl serde::de::Visitor<'_> for DigestVisitor {
             type Value = Digest;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a 64-character hex digest")
+                f.write_str("a 64-character hex digest or 32 bytes")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Digest, E> {
                 v.parse().map_err(E::custom)
             }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Digest, E> {
+                v.try_into()
+                    .map(Digest)
+                    .map_err(|_| E::invalid_length(v.len(), &self))
+            }
         }
-        d.deserialize_str(HexVisitor)
+        if d.is_human_readable() {
+            d.deserialize_str(DigestVisitor)
+        } else {
+            d.deserialize_bytes(DigestVisitor)
+        }
     }
 }
 
@@ -174,5 +190,28 @@ mod tests {
         bad.replace_range(63.., "g");
         assert!(bad.parse::<Digest>().is_err());
         assert!(format!("{hex}0").parse::<Digest>().is_err());
+    }
+
+    #[test]
+    fn binary_serde_is_32_bytes() {
+        let d = Digest::of_bytes(b"x");
+        let bytes = rmp_serde::to_vec(&d).unwrap();
+        // MessagePack bin 8: marker, length, the bytes.
+        assert_eq!(bytes.len(), 34);
+        assert_eq!(&bytes[2..], d.as_bytes());
+        assert_eq!(rmp_serde::from_slice::<Digest>(&bytes).unwrap(), d);
+        let short = rmp_serde::to_vec(&serde_bytes_of(&[1u8; 31])).unwrap();
+        assert!(rmp_serde::from_slice::<Digest>(&short).is_err());
+    }
+
+    /// 31 bytes serialized as MessagePack `bin` (what a truncated digest would be).
+    fn serde_bytes_of(b: &[u8]) -> impl serde::Serialize + '_ {
+        struct B<'a>(&'a [u8]);
+        impl serde::Serialize for B<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(self.0)
+            }
+        }
+        B(b)
     }
 }

@@ -60,14 +60,14 @@ pub enum Error {
         /// What was wrong (size or digest mismatch, missing).
         detail: String,
     },
-    /// A manifest or lock/ref file could not be parsed.
+    /// A manifest could not be encoded or decoded.
     #[error("cannot parse `{}`", path.display())]
     Parse {
         /// The file.
         path: PathBuf,
-        /// The JSON error.
+        /// The encoding's error.
         #[source]
-        source: serde_json::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A name used as a path component (experiment, stage, output) is not safe.
     #[error("invalid {what} name `{name}`: {why}")]
@@ -151,7 +151,20 @@ impl Error {
     pub fn is_corrupt(&self) -> bool {
         matches!(self, Error::Corrupt { .. } | Error::Parse { .. })
     }
+
+    /// The file, when this error is a [`Error::Corrupt`] for a file that is not there at all
+    /// (rather than one with the wrong size or content).
+    #[must_use]
+    pub fn missing_file(&self) -> Option<&std::path::Path> {
+        match self {
+            Error::Corrupt { path, detail } if detail == MISSING => Some(path),
+            _ => None,
+        }
+    }
 }
+
+/// The `detail` of an [`Error::Corrupt`] for a missing file.
+pub(crate) const MISSING: &str = "missing";
 
 #[cfg(test)]
 mod tests {

@@ -314,14 +314,20 @@ pub(crate) fn safe_join(
     if !allow_slash && name.contains('/') {
         return Err(bad("it contains `/`"));
     }
-    let mut out = base.to_path_buf();
+    // One allocation, parts appended as `PathBuf::push` would append these plain names
+    // (it was several reallocations per ref read of a no-op rerun).
+    let mut out = base.as_os_str().to_owned();
+    out.reserve(name.len() + 1);
     for part in name.split('/') {
         if part.is_empty() || part == "." || part == ".." {
             return Err(bad("it has an empty, `.` or `..` path component"));
         }
+        if !out.is_empty() && !out.as_encoded_bytes().ends_with(b"/") {
+            out.push("/");
+        }
         out.push(part);
     }
-    Ok(out)
+    Ok(PathBuf::from(out))
 }
 
 #[cfg(test)]
@@ -385,5 +391,13 @@ mod tests {
         assert!(safe_join(b, "experiment", "a/b", false).is_err());
         assert!(safe_join(b, "stage", "", true).is_err());
         assert!(safe_join(b, "stage", "/abs", true).is_err());
+        // What `PathBuf::push` of each part gives, whatever the base.
+        for base in ["", "/", "/r", "/r/", "rel", "rel/x/"] {
+            let mut want = Path::new(base).to_path_buf();
+            want.push("a");
+            want.push("b.c");
+            let got = safe_join(Path::new(base), "stage", "a/b.c", true).unwrap();
+            assert_eq!(got.as_os_str(), want.as_os_str(), "base {base:?}");
+        }
     }
 }

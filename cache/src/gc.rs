@@ -18,7 +18,7 @@ use std::path::Path;
 use crate::digest::{Digest, Key};
 use crate::error::Result;
 use crate::fsutil;
-use crate::manifest::Manifest;
+use crate::manifest::{MANIFEST_FILE, Manifest};
 use crate::store::Cache;
 
 /// What a gc removed.
@@ -80,9 +80,9 @@ impl Cache {
                 fsutil::remove_tree(&self.root, &path)?;
                 continue;
             };
-            let manifest: Option<Manifest> = fs::read(path.join("manifest.json"))
+            let manifest: Option<Manifest> = fs::read(path.join(MANIFEST_FILE))
                 .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
+                .and_then(|b| Manifest::decode(&b, false).ok());
             // Hold the key's lock (if free) while deciding, so nobody commits it meanwhile.
             let hold = if keep.contains(&key) {
                 Some(None)

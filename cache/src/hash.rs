@@ -58,23 +58,14 @@ pub struct TreeEntry {
     /// File, directory or symlink.
     pub kind: NodeKind,
     /// File size in bytes (0 for directories and symlinks).
-    #[serde(default, skip_serializing_if = "is_zero")]
     pub size: u64,
     /// `0o755` for executable files and directories, `0o644` for other files, `0o777` for
     /// symlinks. Only the executable bit is part of the digest.
     pub mode: u32,
     /// Content digest (files only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<Digest>,
     /// Link text (symlinks only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
-}
-
-// serde's `skip_serializing_if` passes a reference.
-#[allow(clippy::trivially_copy_pass_by_ref)]
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 impl TreeEntry {

@@ -1,7 +1,12 @@
-//! Refs (`refs/<experiment>/<stage>.json` → the last committed key, so `explain` can diff a
+//! Refs (`refs/<experiment>/<stage>.key` → the last committed key, so `explain` can diff a
 //! miss against the previous run) and the user-facing `runs/<experiment>/<stage>/<output>`
 //! symlinks into materialized trees. Both are replaced atomically (temp + rename), so a
 //! reader never sees a half-written ref or a missing link.
+//!
+//! A ref is a symbolic link whose text is the key in hex (it points nowhere): reading it is
+//! one `readlink`, where a file took an `open`, a `read` and a `close`, and every hit of a
+//! run reads its stage's ref to see whether it must be moved. (Refs of the JSON format
+//! before, `<stage>.json`, are not read: such a stage explains its next miss as never run.)
 
 use std::fs;
 use std::io::ErrorKind;
@@ -9,23 +14,21 @@ use std::path::{Path, PathBuf};
 
 use crate::digest::Key;
 use crate::error::{Error, Result};
-use crate::fsutil::{self, now_ms};
-use crate::rel::Parsed;
+use crate::fsutil;
 use crate::store::Cache;
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct RefFile {
-    key: Key,
-    updated_ms: u64,
-}
+/// The suffix of a ref's name: `task.key` cannot collide with the directory `task/` that
+/// holds the refs of the expansions `task/GQA`.
+const REF_SUFFIX: &str = ".key";
 
 impl Cache {
-    fn ref_path(&self, experiment: &str, stage: &str) -> Result<PathBuf> {
-        let dir = fsutil::safe_join(&self.v.join("refs"), "experiment", experiment, false)?;
+    /// `refs/<experiment>/<stage>.key` under `base` (`v1/`, or nothing for relative calls).
+    fn ref_path(base: &Path, experiment: &str, stage: &str) -> Result<PathBuf> {
+        let dir = fsutil::safe_join(&base.join("refs"), "experiment", experiment, false)?;
         let p = fsutil::safe_join(&dir, "stage", stage, true)?;
-        // `<stage>.json`: appending to the joined path's last component.
+        // Appending to the joined path's last component.
         let mut s = p.into_os_string();
-        s.push(".json");
+        s.push(REF_SUFFIX);
         Ok(PathBuf::from(s))
     }
 
@@ -34,17 +37,16 @@ impl Cache {
     /// # Errors
     /// Unsafe names (empty, `..`, `/` in the experiment); the cache is not writable.
     pub fn set_ref(&self, experiment: &str, stage: &str, key: &Key) -> Result<()> {
-        let p = self.ref_path(experiment, stage)?;
-        fsutil::mkdirs(&self.root, p.parent().expect("ref paths have a parent"))?;
-        let bytes = serde_json::to_vec(&RefFile {
-            key: *key,
-            updated_ms: now_ms(),
+        let p = Self::ref_path(&self.v, experiment, stage)?;
+        let dir = p.parent().expect("ref paths have a parent");
+        fsutil::mkdirs(&self.root, dir)?;
+        let tmp = dir.join(fsutil::unique_name(".ref.tmp"));
+        std::os::unix::fs::symlink(&*key.hex(), &tmp)
+            .map_err(|e| self.io(&tmp, "cannot create symlink", e))?;
+        fs::rename(&tmp, &p).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            self.io(&p, "cannot rename into", e)
         })
-        .map_err(|e| Error::Parse {
-            path: p.clone(),
-            source: e,
-        })?;
-        fsutil::write_atomic(&self.root, &p, &bytes, false)
     }
 
     /// Whether any stage of `experiment` has a ref: `false` lets a planner skip one
@@ -62,16 +64,13 @@ impl Cache {
     /// # Errors
     /// Unsafe names.
     pub fn get_ref(&self, experiment: &str, stage: &str) -> Result<Option<Key>> {
-        // Relative to `v1/` ([`crate::rel`]); the names are checked as for `ref_path`.
-        let dir = fsutil::safe_join(Path::new("refs"), "experiment", experiment, false)?;
-        let mut rel = fsutil::safe_join(&dir, "stage", stage, true)?.into_os_string();
-        rel.push(".json");
-        let parse = |b: &[u8]| serde_json::from_slice::<RefFile>(b).ok().map(|r| r.key);
-        Ok(match self.vfd.read_parsed(Path::new(&rel), parse) {
-            Ok(Parsed::Value(key)) => Some(key),
-            Ok(Parsed::Bytes(bytes)) => parse(&bytes),
-            Err(_) => None,
-        })
+        // Relative to `v1/` ([`crate::rel`]); the names are checked as for `set_ref`.
+        let rel = Self::ref_path(Path::new(""), experiment, stage)?;
+        Ok(self
+            .vfd
+            .read_link(&rel)
+            .ok()
+            .and_then(|text| std::str::from_utf8(&text).ok()?.parse().ok()))
     }
 
     /// Points `<runs_root>/<experiment>/<stage>/<output>` at `target` (a materialized tree)

@@ -90,6 +90,11 @@ impl DirFd {
         ))
     }
 
+    /// The text of the symbolic link `rel`.
+    pub(crate) fn read_link(&self, rel: &Path) -> io::Result<Vec<u8>> {
+        Ok(rustix::fs::readlinkat(&self.0, rel, Vec::new())?.into_bytes())
+    }
+
     /// The size of `rel` (symlinks followed).
     pub(crate) fn size(&self, rel: &Path) -> io::Result<u64> {
         let st = rustix::fs::statx(&self.0, rel, AtFlags::empty(), StatxFlags::SIZE)?;
@@ -128,6 +133,9 @@ pub(crate) mod tests {
         assert_eq!(d.size(Path::new("a/b/f.txt")).unwrap(), 5);
         let meta = fs::metadata(t.path().join("a/b/f.txt")).unwrap();
         assert_eq!(d.stamp(Path::new("a/b/f.txt")).unwrap(), Stamp::of(&meta));
+        std::os::unix::fs::symlink("some text", t.path().join("a/link")).unwrap();
+        assert_eq!(d.read_link(Path::new("a/link")).unwrap(), b"some text");
+        assert!(d.read_link(Path::new("a/b/f.txt")).is_err());
         let missing = read_all(&d, "a/b/none").unwrap_err();
         assert_eq!(missing.kind(), io::ErrorKind::NotFound);
         assert_eq!(

@@ -24,10 +24,10 @@ use foldhash::{HashSet, HashSetExt};
 use rayon::prelude::*;
 
 use crate::digest::{Digest, Key};
-use crate::error::{Error, Result};
+use crate::error::{Error, MISSING, Result};
 use crate::fsutil;
 use crate::hash::{self, NodeKind, Tree};
-use crate::manifest::{Entry, Lookup, MANIFEST_FORMAT, Manifest, ManifestSansInputs, MissReason};
+use crate::manifest::{Entry, Lookup, MANIFEST_FILE, MANIFEST_FORMAT, Manifest, MissReason};
 use crate::rel::{DirFd, Parsed};
 use crate::stat_cache::StatCache;
 
@@ -224,6 +224,16 @@ impl Cache {
         self.under(&["objects", &hex[..2], &hex])
     }
 
+    /// `objects/<aa>/<digest>`, relative to `v1/` (for [`DirFd`]'s calls).
+    pub(crate) fn object_rel(d: &Digest) -> PathBuf {
+        let hex = d.hex();
+        let mut s = String::with_capacity(8 + 3 + hex.len());
+        for part in ["objects/", &hex[..2], "/", &hex] {
+            s.push_str(part);
+        }
+        PathBuf::from(s)
+    }
+
     pub(crate) fn entry_dir(&self, key: &Key) -> PathBuf {
         self.under(&["entries", &key.hex()])
     }
@@ -306,7 +316,7 @@ impl Cache {
     /// # Errors
     /// Only environment failures while removing a bad entry.
     pub fn probe(&self, key: &Key) -> Result<Lookup> {
-        self.probe_with(key, true)
+        self.probe_with(key, true, true)
     }
 
     /// Like [`Cache::probe`], for callers that only use a hit's outputs and timings (a
@@ -317,24 +327,32 @@ impl Cache {
     /// # Errors
     /// As [`Cache::probe`].
     pub fn probe_outputs(&self, key: &Key) -> Result<Lookup> {
-        self.probe_with(key, false)
+        self.probe_with(key, false, true)
     }
 
-    fn probe_with(&self, key: &Key, inputs: bool) -> Result<Lookup> {
-        let dir = self.entry_dir(key);
-        let mpath = dir.join("manifest.json");
-        let rel = format!("entries/{}/manifest.json", &*key.hex());
-        // UTF-8 is checked once for the whole file, so that the parser (reading a `&str`)
-        // does not check every string it copies out again.
-        let parse = |bytes: &[u8]| -> std::result::Result<Manifest, String> {
-            match std::str::from_utf8(bytes) {
-                Err(e) => Err(e.to_string()),
-                Ok(text) if inputs => serde_json::from_str(text).map_err(|e| e.to_string()),
-                Ok(text) => serde_json::from_str::<ManifestSansInputs>(text)
-                    .map(Manifest::from)
-                    .map_err(|e| e.to_string()),
-            }
-        };
+    /// Like [`Cache::probe_outputs`], without the object checks: for a caller that
+    /// [`Cache::materialize`]s every output of a hit before anything uses it (a run's hits,
+    /// which restore their outputs). `materialize` checks every file it hands out against
+    /// the manifest (size and, through the stat cache, content) and rebuilds a bad tree from
+    /// verified objects, so a missing or corrupt object still ends as [`Error::Corrupt`] and
+    /// a rerun, and the object `stat`s here would repeat its work (two syscalls of every
+    /// hit of a no-op rerun of one-file stages).
+    ///
+    /// # Errors
+    /// As [`Cache::probe`].
+    pub fn probe_to_materialize(&self, key: &Key) -> Result<Lookup> {
+        self.probe_with(key, false, false)
+    }
+
+    fn probe_with(&self, key: &Key, inputs: bool, objects: bool) -> Result<Lookup> {
+        let hex = key.hex();
+        let dir = self.under(&["entries", &hex]);
+        let mpath = || dir.join(MANIFEST_FILE);
+        let mut rel = String::with_capacity(8 + hex.len() + 1 + MANIFEST_FILE.len());
+        for part in ["entries/", &hex, "/", MANIFEST_FILE] {
+            rel.push_str(part);
+        }
+        let parse = |bytes: &[u8]| Manifest::decode(bytes, inputs);
         let read = self
             .vfd
             .read_parsed(Path::new(&rel), |bytes| parse(bytes).ok());
@@ -347,7 +365,7 @@ impl Cache {
             Err(e) => {
                 // Unreadable (permissions, I/O error): degrade to a rerun, keep the entry.
                 return Ok(Lookup::Miss(MissReason::BadManifest {
-                    path: mpath,
+                    path: mpath(),
                     detail: e.to_string(),
                 }));
             }
@@ -358,7 +376,7 @@ impl Cache {
                 return self.reject(
                     key,
                     MissReason::BadManifest {
-                        path: mpath,
+                        path: mpath(),
                         detail,
                     },
                 );
@@ -369,10 +387,17 @@ impl Cache {
             return self.reject(
                 key,
                 MissReason::BadManifest {
-                    path: mpath,
+                    path: mpath(),
                     detail,
                 },
             );
+        }
+        if !objects {
+            return Ok(Lookup::Hit(Box::new(Entry {
+                key: *key,
+                dir,
+                manifest,
+            })));
         }
         let files: Vec<(Digest, u64)> = manifest
             .outputs
@@ -381,9 +406,7 @@ impl Cache {
             .filter_map(|e| Some((e.digest?, e.size)))
             .collect();
         let check = |(d, size): &(Digest, u64)| -> Option<MissReason> {
-            let hex = d.hex();
-            let rel = format!("objects/{}/{}", &hex[..2], &*hex);
-            match self.vfd.size(Path::new(&rel)) {
+            match self.vfd.size(&Self::object_rel(d)) {
                 Ok(n) if n == *size => None,
                 Ok(n) => Some(MissReason::Corrupt {
                     detail: format!("size {n} but manifest says {size}"),
@@ -424,7 +447,7 @@ impl Cache {
     /// The entry directory cannot be removed.
     pub fn remove_entry(&self, key: &Key) -> Result<()> {
         let dir = self.entry_dir(key);
-        match fs::remove_file(dir.join("manifest.json")) {
+        match fs::remove_file(dir.join(MANIFEST_FILE)) {
             Ok(()) => {}
             Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {}
             Err(e) => return Err(self.io(&dir, "cannot remove", e)),
@@ -543,7 +566,7 @@ impl Cache {
             return match len {
                 Ok(n) if n == size => Ok(()),
                 Ok(n) => corrupt(format!("size {n} but manifest says {size}")),
-                Err(e) if e.kind() == ErrorKind::NotFound => corrupt("missing".into()),
+                Err(e) if e.kind() == ErrorKind::NotFound => corrupt(MISSING.into()),
                 Err(e) => Err(self.io(path, "cannot stat", e)),
             };
         }
@@ -551,7 +574,7 @@ impl Cache {
         // that stat's (or the hashed length), so no second `stat`.
         let recorded = match rel.map(|rel| self.vfd.stamp(rel)) {
             Some(Ok(stamp)) => self.stat.get_stamp(&stamp).map(|d| (d, stamp.size())),
-            Some(Err(e)) if e.kind() == ErrorKind::NotFound => return corrupt("missing".into()),
+            Some(Err(e)) if e.kind() == ErrorKind::NotFound => return corrupt(MISSING.into()),
             Some(Err(e)) => return Err(self.io(path, "cannot stat", e)),
             None => None,
         };
@@ -562,7 +585,7 @@ impl Cache {
         let (got, got_size) = match found {
             Ok(d) => d,
             Err(Error::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
-                return corrupt("missing".into());
+                return corrupt(MISSING.into());
             }
             Err(e) => return Err(e),
         };

@@ -4,12 +4,12 @@
 use engine::exec::RunOptions;
 
 use super::run::execute;
-use super::{CmdResult, load, registry, stage_index};
+use super::{CmdResult, load_cached, registry, stage_index};
 use crate::cli::{GlobalArgs, StageArgs};
 
 pub fn exec(g: &GlobalArgs, args: &StageArgs) -> CmdResult {
     let registry = registry();
-    let recipe = load(&args.recipe, &args.set, &registry)?;
+    let recipe = load_cached(g, &args.recipe, &args.set, &registry)?;
     let idx = stage_index(&recipe, &args.stage)?;
     let mut opts = RunOptions::new(1);
     opts.selected = Some([idx].into());

@@ -5,12 +5,12 @@ use std::fmt::Write as _;
 use engine::exec::KeyEnv;
 use engine::plan::Status;
 
-use super::{CmdResult, load, open_cache, out, registry, stage_index};
+use super::{CmdResult, load_cached, open_cache, out, registry, stage_index};
 use crate::cli::{GlobalArgs, StageArgs};
 
 pub fn explain(g: &GlobalArgs, args: &StageArgs) -> CmdResult {
     let registry = registry();
-    let recipe = load(&args.recipe, &args.set, &registry)?;
+    let recipe = load_cached(g, &args.recipe, &args.set, &registry)?;
     let idx = stage_index(&recipe, &args.stage)?;
     let cache = open_cache(g)?;
     let env = KeyEnv {

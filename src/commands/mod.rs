@@ -99,6 +99,19 @@ pub fn load(path: &Path, sets: &[String], registry: &Registry) -> Result<Recipe,
     recipe::load(path, sets, registry).map_err(Failure::usage)
 }
 
+/// [`load`] through the resolved-recipe cache in `<cache>/v1/recipes/`
+/// ([`recipe::load_memo`]): for the commands that use the cache anyway, so that `dag`
+/// never creates a cache directory.
+pub fn load_cached(
+    g: &GlobalArgs,
+    path: &Path,
+    sets: &[String],
+    registry: &Registry,
+) -> Result<Recipe, Failure> {
+    let dir = cache_dir(g).join(cache::LAYOUT_VERSION).join("recipes");
+    recipe::load_memo(path, sets, registry, &dir).map_err(Failure::usage)
+}
+
 pub fn cache_dir(g: &GlobalArgs) -> PathBuf {
     g.cache_dir
         .clone()

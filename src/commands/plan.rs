@@ -6,12 +6,12 @@ use std::fmt::Write as _;
 use engine::exec::KeyEnv;
 use engine::plan::Status;
 
-use super::{CmdResult, load, open_cache, out, registry};
+use super::{CmdResult, load_cached, open_cache, out, registry};
 use crate::cli::{GlobalArgs, RecipeArgs};
 
 pub fn plan(g: &GlobalArgs, args: &RecipeArgs) -> CmdResult {
     let registry = registry();
-    let recipe = load(&args.recipe, &args.set, &registry)?;
+    let recipe = load_cached(g, &args.recipe, &args.set, &registry)?;
     let cache = open_cache(g)?;
     let env = KeyEnv {
         env: engine::env_vars::keyed_env(),

@@ -12,13 +12,13 @@ use engine::graph::Graph;
 use engine::recipe::Recipe;
 use engine::stage::Registry;
 
-use super::{CmdResult, Failure, exit, load, open_cache, registry, runs_dir};
+use super::{CmdResult, Failure, exit, load_cached, open_cache, registry, runs_dir};
 use crate::cli::{ExecutorChoice, GlobalArgs, RunArgs};
 use crate::reporters::{Human, Json, Verbosity};
 
 pub fn run(g: &GlobalArgs, args: &RunArgs) -> CmdResult {
     let registry = registry();
-    let recipe = load(&args.recipe.recipe, &args.recipe.set, &registry)?;
+    let recipe = load_cached(g, &args.recipe.recipe, &args.recipe.set, &registry)?;
     let graph = Graph::new(&recipe);
     let selected = if args.only.is_empty() && args.from.is_empty() && args.until.is_empty() {
         None

@@ -163,7 +163,7 @@ fn garbage_manifest_is_a_miss() {
     let other = key("other");
     let odir = root.join("v1/entries").join(other.to_hex());
     fs::create_dir_all(&odir).unwrap();
-    fs::copy(e.manifest_path(), odir.join("manifest.json")).unwrap();
+    fs::copy(e.manifest_path(), odir.join(cache::manifest::MANIFEST_FILE)).unwrap();
     assert!(matches!(
         c.probe(&other).unwrap(),
         Lookup::Miss(MissReason::BadManifest { .. })

@@ -5,10 +5,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use cache::{Cache, Digest, Entry};
+use cache::{Cache, Digest, Entry, Key};
 
+use crate::key::manifest::{KeyParts, MaskedParams};
 use crate::key::{self, ExternalDigest, InputDigest, KEY_SCHEMA, KeyManifest};
-use crate::recipe::{Input, Recipe, StageNode};
+use crate::recipe::{External, Input, Recipe, StageNode};
 use crate::stage::StageKind;
 
 /// Everything a key depends on besides the recipe: the keyed environment.
@@ -93,13 +94,7 @@ pub fn manifest(
     let mut externals = Vec::with_capacity(node.externals.len());
     for ext in &node.externals {
         let shown = ext.path.to_string_lossy().into_owned();
-        let digest: Digest = cache
-            .digest_path(&recipe.dir.join(&ext.path))
-            .map_err(|source| KeyError::External {
-                param: ext.param.clone(),
-                path: shown.clone(),
-                source,
-            })?;
+        let digest = external_digest(recipe, cache, ext, &shown)?;
         externals.push(ExternalDigest {
             param: ext.param.clone(),
             path: shown,
@@ -122,12 +117,76 @@ pub fn manifest(
     Ok((manifest, unknown))
 }
 
-/// Checks that every external file of `node` is readable (hashing it through the stat
-/// cache, as [`manifest`] would), without building the manifest: what a plan needs for a
-/// stage whose key cannot be known yet.
+/// The key of `node` when every input's digest is known (`digest(n, input)` for
+/// `node.inputs[n]`): what [`manifest`]'s [`KeyManifest::key`] gives, computed without
+/// building the manifest (no string of it copied), for lookups that only need the key.
 ///
 /// # Errors
-/// An unreadable external file, as from [`manifest`].
+/// As [`manifest`].
+pub fn key(
+    recipe: &Recipe,
+    node: &StageNode,
+    kind: &dyn StageKind,
+    cache: &Cache,
+    env: &KeyEnv,
+    digest: impl Fn(usize, &Input) -> Result<Digest, KeyError>,
+) -> Result<Key, KeyError> {
+    let mut digests = Vec::with_capacity(node.inputs.len());
+    for (n, input) in node.inputs.iter().enumerate() {
+        digests.push(digest(n, input)?);
+    }
+    let mut inputs: Vec<(&str, usize, &Digest)> = node
+        .inputs
+        .iter()
+        .zip(&digests)
+        .map(|(i, d)| (i.param.as_str(), i.position, d))
+        .collect();
+    inputs.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    let mut refs: Vec<&str> = node.inputs.iter().map(|i| i.param.as_str()).collect();
+    refs.sort_unstable();
+    refs.dedup();
+    let mut shown = Vec::with_capacity(node.externals.len());
+    for ext in &node.externals {
+        let path = ext.path.to_string_lossy();
+        let digest = external_digest(recipe, cache, ext, &path)?;
+        shown.push((ext.param.as_str(), path, digest));
+    }
+    let mut externals: Vec<(&str, &str, &Digest)> =
+        shown.iter().map(|(p, s, d)| (*p, s.as_ref(), d)).collect();
+    externals.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    Ok(KeyParts {
+        schema: KEY_SCHEMA,
+        kind: &node.kind,
+        kind_version: kind.version(),
+        params: &MaskedParams {
+            params: &node.params,
+            refs: &refs,
+        },
+        inputs: &inputs,
+        externals: &externals,
+        seed: key::derive_seed(recipe.seed, &node.name),
+        env: &env.env,
+    }
+    .key())
+}
+
+/// The content digest of an external path of `node` (`shown` as written), through the
+/// stat cache.
+fn external_digest(
+    recipe: &Recipe,
+    cache: &Cache,
+    ext: &External,
+    shown: &str,
+) -> Result<Digest, KeyError> {
+    cache
+        .digest_path(&recipe.dir.join(&ext.path))
+        .map_err(|source| KeyError::External {
+            param: ext.param.clone(),
+            path: shown.to_owned(),
+            source,
+        })
+}
+
 /// The innermost cause of an error: for a missing file, the OS's own words
 /// (`No such file or directory (os error 2)`) rather than our wrapper's restatement of the path.
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
@@ -138,15 +197,15 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
+/// Checks that every external file of `node` is readable (hashing it through the stat
+/// cache, as [`manifest`] would), without building the manifest: what a plan needs for a
+/// stage whose key cannot be known yet.
+///
+/// # Errors
+/// An unreadable external file, as from [`manifest`].
 pub fn check_externals(recipe: &Recipe, node: &StageNode, cache: &Cache) -> Result<(), KeyError> {
     for ext in &node.externals {
-        cache
-            .digest_path(&recipe.dir.join(&ext.path))
-            .map_err(|source| KeyError::External {
-                param: ext.param.clone(),
-                path: ext.path.to_string_lossy().into_owned(),
-                source,
-            })?;
+        external_digest(recipe, cache, ext, &ext.path.to_string_lossy())?;
     }
     Ok(())
 }

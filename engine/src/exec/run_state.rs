@@ -10,7 +10,6 @@
 //! the same run the same way.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -585,32 +584,29 @@ fn look(env: &LookEnv<'_>, input: LookupInput) -> Looked {
     let i = input.idx;
     let (recipe, cache) = (env.stage.recipe, env.stage.cache);
     let node = &recipe.stages[i];
-    let manifest = match manifest_over(
+    // The key alone: the manifest is built only for a miss, which records and explains it.
+    let digest = |n: usize, inp: &Input| keys::input_digest(recipe, inp, &input.upstream[n]);
+    let key = match keys::key(
         recipe,
+        node,
+        input.kind.as_ref(),
         cache,
         env.key_env,
-        i,
-        input.kind.as_ref(),
-        &input.upstream,
+        digest,
     ) {
-        Ok(m) => m,
-        Err(e) => return Looked::Failed((None, e)),
+        Ok(k) => k,
+        Err(e) => return Looked::Failed((None, e.to_string())),
     };
-    let key = manifest.key();
     let mut miss = None;
     if !input.forced {
-        match cache.probe_outputs(&key) {
+        // `finish` materializes every output of a hit, which checks each file it uses.
+        match cache.probe_to_materialize(&key) {
             Ok(Lookup::Hit(entry)) => {
                 let entry = Arc::new(*entry);
                 match stage_run::finish(&env.stage, node, input.kind.as_ref(), &entry) {
                     Ok(()) => return Looked::Hit(i, entry),
                     // The cache dropped the bad entry: recompute it like any miss.
-                    Err(FinishError::Corrupt(detail)) => {
-                        miss = Some(MissReason::Corrupt {
-                            path: PathBuf::new(),
-                            detail,
-                        });
-                    }
+                    Err(FinishError::Corrupt(_, reason)) => miss = Some(reason),
                     Err(FinishError::Other(e)) => {
                         return Looked::Failed((Some(key), e.to_string()));
                     }
@@ -620,6 +616,23 @@ fn look(env: &LookEnv<'_>, input: LookupInput) -> Looked {
             Err(e) => return Looked::Failed((Some(key), format!("cache lookup failed: {e}"))),
         }
     }
+    let manifest = match manifest_over(
+        recipe,
+        cache,
+        env.key_env,
+        i,
+        input.kind.as_ref(),
+        &input.upstream,
+    ) {
+        Ok(m) => m,
+        Err(e) => return Looked::Failed((Some(key), e)),
+    };
+    debug_assert_eq!(
+        manifest.key(),
+        key,
+        "the key of `{}` computed two ways",
+        node.name
+    );
     Looked::Miss(input, key, Box::new(manifest), miss)
 }
 

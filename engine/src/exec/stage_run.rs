@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use cache::{Cache, CommitMeta, Entry, Key, LockOutcome};
+use cache::{Cache, CommitMeta, Entry, Key, LockOutcome, MissReason};
 
 use super::keys;
 use crate::events::{Event, Reporter};
@@ -195,7 +195,7 @@ fn run_job_inner(env: &Env<'_>, node: &StageNode, job: &Job) -> Result<Outcome, 
     );
     match finish(env, node, job.kind.as_ref(), &entry) {
         Ok(()) => Ok(Outcome::Ran(entry)),
-        Err(FinishError::Corrupt(msg)) => Err(Retry::StaleTree(msg)),
+        Err(FinishError::Corrupt(msg, _)) => Err(Retry::StaleTree(msg)),
         Err(FinishError::Other(e)) => Err(Retry::Stage(e)),
     }
 }
@@ -246,12 +246,11 @@ fn keep_failed_log(env: &Env<'_>, node: &StageNode, log: &Path) -> Option<PathBu
     Some(kept)
 }
 
-/// After a hit or a commit: point the ref at the key, link `runs/`, and let the kind restore
-/// files it keeps outside the cache.
 /// Why [`finish`] failed.
 pub(super) enum FinishError {
-    /// An output failed verification; the cache removed the entry, so it is now a miss.
-    Corrupt(String),
+    /// An output failed verification; the cache removed the entry, so it is now a miss
+    /// (the error's message, and the miss it stands for).
+    Corrupt(String, MissReason),
     /// Anything else.
     Other(StageError),
 }
@@ -265,12 +264,14 @@ impl From<StageError> for FinishError {
 impl FinishError {
     fn into_stage_error(self) -> StageError {
         match self {
-            Self::Corrupt(msg) => StageError::Other(msg),
+            Self::Corrupt(msg, _) => StageError::Other(msg),
             Self::Other(e) => e,
         }
     }
 }
 
+/// After a hit or a commit: point the ref at the key, link `runs/`, and let the kind restore
+/// files it keeps outside the cache.
 pub(super) fn finish(
     env: &Env<'_>,
     node: &StageNode,
@@ -288,7 +289,17 @@ pub(super) fn finish(
     for name in entry.outputs() {
         let dir = env.cache.materialize(entry, name).map_err(|e| {
             if e.is_corrupt() {
-                FinishError::Corrupt(e.to_string())
+                let reason = match e.missing_file() {
+                    // Reported like a missing object at lookup (`outputs missing`).
+                    Some(path) => MissReason::MissingObject {
+                        path: path.to_owned(),
+                    },
+                    None => MissReason::Corrupt {
+                        path: PathBuf::new(),
+                        detail: e.to_string(),
+                    },
+                };
+                FinishError::Corrupt(e.to_string(), reason)
             } else {
                 FinishError::Other(cache_err(&format!("cannot read output `{name}`"), e))
             }
@@ -362,8 +373,15 @@ fn link_if_changed(
     output: &str,
     target: &Path,
 ) -> Result<(), StageError> {
-    let link: PathBuf = runs.join(exp).join(stage).join(output);
-    if std::fs::read_link(&link).is_ok_and(|t| t == target) {
+    // Built in one allocation and compared as bytes (the link is written with `target`'s
+    // bytes): `join`s and `Path`'s component-wise `==` were visible in a no-op rerun.
+    let mut link = runs.as_os_str().to_owned();
+    link.reserve(exp.len() + stage.len() + output.len() + 3);
+    for part in [exp, stage, output] {
+        link.push("/");
+        link.push(part);
+    }
+    if std::fs::read_link(&link).is_ok_and(|t| t.as_os_str() == target.as_os_str()) {
         return Ok(());
     }
     cache

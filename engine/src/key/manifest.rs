@@ -7,6 +7,7 @@
 //! readable, and renaming a stage must not invalidate its dependents.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use cache::Digest;
 use serde::{Deserialize, Serialize};
@@ -75,32 +76,123 @@ impl KeyManifest {
     /// The stage key: blake3 over the canonical encoding of the keyed fields.
     #[must_use]
     pub fn key(&self) -> Digest {
-        let mut h = StableHasher::new(KEY_DOMAIN);
-        h.write(&self.schema);
-        h.write(self.kind.as_str());
-        h.write(&self.kind_version);
-        h.write(&self.params);
-        h.write_len(self.inputs.len());
-        for input in &self.inputs {
-            h.write(input.param.as_str());
-            h.write(&input.position);
-            h.write(input.digest.as_bytes());
+        let inputs: Vec<(&str, usize, &Digest)> = self
+            .inputs
+            .iter()
+            .map(|i| (i.param.as_str(), i.position, &i.digest))
+            .collect();
+        let externals: Vec<(&str, &str, &Digest)> = self
+            .externals
+            .iter()
+            .map(|e| (e.param.as_str(), e.path.as_str(), &e.digest))
+            .collect();
+        KeyParts {
+            schema: self.schema,
+            kind: &self.kind,
+            kind_version: self.kind_version,
+            params: &self.params,
+            inputs: &inputs,
+            externals: &externals,
+            seed: self.seed,
+            env: &self.env,
         }
-        h.write_len(self.externals.len());
-        for ext in &self.externals {
-            h.write(ext.param.as_str());
-            h.write(ext.path.as_str());
-            h.write(ext.digest.as_bytes());
-        }
-        h.write(&self.seed);
-        h.write(&self.env);
-        Digest(h.into_digest())
+        .key()
     }
 
     /// Whether this manifest was written by the current key schema.
     #[must_use]
     pub fn current_schema(&self) -> bool {
         self.schema == KEY_SCHEMA
+    }
+}
+
+/// The keyed fields of a [`KeyManifest`], borrowed: what a key is computed from, whether
+/// from a manifest ([`KeyManifest::key`]) or straight from a stage and its inputs' digests
+/// (a hit needs only its key, and building the manifest, every string of it copied, was
+/// a tenth of a no-op rerun). Both go through [`KeyParts::key`], so they cannot disagree on
+/// the encoding.
+pub(crate) struct KeyParts<'a, P: StableHash + ?Sized> {
+    /// [`KEY_SCHEMA`] for a new key; a manifest's own for its key.
+    pub schema: u32,
+    pub kind: &'a str,
+    pub kind_version: u32,
+    /// Canonical parameters with references masked ([`mask_refs`]).
+    pub params: &'a P,
+    /// `(param, position, digest)`, sorted by `(param, position)`.
+    pub inputs: &'a [(&'a str, usize, &'a Digest)],
+    /// `(param, path, digest)`, sorted by `(param, path)`.
+    pub externals: &'a [(&'a str, &'a str, &'a Digest)],
+    pub seed: u64,
+    pub env: &'a BTreeMap<String, String>,
+}
+
+impl<P: StableHash + ?Sized> KeyParts<'_, P> {
+    /// The stage key: blake3 over the canonical encoding of the keyed fields.
+    pub(crate) fn key(&self) -> Digest {
+        static KEY: OnceLock<blake3::Hasher> = OnceLock::new();
+        let mut h = StableHasher::with(
+            KEY.get_or_init(|| blake3::Hasher::new_derive_key(KEY_DOMAIN))
+                .clone(),
+        );
+        h.write(&self.schema);
+        h.write(self.kind);
+        h.write(&self.kind_version);
+        h.write(self.params);
+        h.write_len(self.inputs.len());
+        for (param, position, digest) in self.inputs {
+            h.write(*param);
+            h.write(position);
+            h.write(digest.as_bytes());
+        }
+        h.write_len(self.externals.len());
+        for (param, path, digest) in self.externals {
+            h.write(*param);
+            h.write(*path);
+            h.write(digest.as_bytes());
+        }
+        h.write(&self.seed);
+        h.write(self.env);
+        Digest(h.into_digest())
+    }
+}
+
+/// Parameters hashed as [`mask_refs`] would leave them, without copying them: the values of
+/// the top-level parameters named in `refs` have every reference string (`"@..."`, alone
+/// or in a list) hashed as [`REF_PLACEHOLDER`].
+pub(crate) struct MaskedParams<'a> {
+    pub params: &'a serde_json::Value,
+    /// Sorted, deduplicated parameter names.
+    pub refs: &'a [&'a str],
+}
+
+impl StableHash for MaskedParams<'_> {
+    fn stable_hash(&self, h: &mut StableHasher) {
+        let serde_json::Value::Object(map) = self.params else {
+            return self.params.stable_hash(h);
+        };
+        super::hasher::write_map(h, map, |h, k, v| {
+            if self.refs.binary_search(&k).is_ok() {
+                h.write(&Masked(v));
+            } else {
+                h.write(v);
+            }
+        });
+    }
+}
+
+/// A parameter value hashed with its reference strings masked (as [`mask_value`] does).
+struct Masked<'a>(&'a serde_json::Value);
+
+impl StableHash for Masked<'_> {
+    fn stable_hash(&self, h: &mut StableHasher) {
+        match self.0 {
+            serde_json::Value::String(s) if s.starts_with('@') => h.write_str(REF_PLACEHOLDER),
+            serde_json::Value::Array(items) => {
+                let items: Vec<Masked<'_>> = items.iter().map(Masked).collect();
+                h.write(items.as_slice());
+            }
+            v => h.write(v),
+        }
     }
 }
 
@@ -114,7 +206,11 @@ impl StableHash for Digest {
 /// that sibling stages draw independent streams and a rerun draws the same one.
 #[must_use]
 pub fn derive_seed(experiment_seed: u64, stage: &str) -> u64 {
-    let mut h = blake3::Hasher::new_derive_key(SEED_DOMAIN);
+    // The context key is derived once (see `StableHasher::with`).
+    static SEED: OnceLock<blake3::Hasher> = OnceLock::new();
+    let mut h = SEED
+        .get_or_init(|| blake3::Hasher::new_derive_key(SEED_DOMAIN))
+        .clone();
     h.update(&experiment_seed.to_le_bytes());
     h.update(&(stage.len() as u64).to_le_bytes());
     h.update(stage.as_bytes());

@@ -84,6 +84,7 @@ fn load_file(path: PathBuf, from: Option<Loc>, ctx: &mut Ctx, stack: &mut Stack)
         return None;
     }
     ctx.files.push(path.clone());
+    ctx.digests.push(*blake3::hash(text.as_bytes()).as_bytes());
     let text: Arc<str> = Arc::from(text);
     let src = ctx
         .sources

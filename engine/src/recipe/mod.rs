@@ -78,6 +78,7 @@ mod expand;
 mod experiment;
 mod items;
 mod load;
+mod memo;
 mod overrides;
 mod params;
 mod parse;
@@ -89,6 +90,7 @@ mod value;
 use std::path::{Path, PathBuf};
 
 pub use error::{Problem, RecipeError};
+pub use memo::load_memo;
 
 use crate::stage::{OutputSpec, Registry, Resources};
 use error::{Diags, Sources};
@@ -148,7 +150,7 @@ pub struct StageNode {
 }
 
 /// One resolved reference: parameter `param` reads output `output` of stage `stage`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Input {
     /// The parameter holding the reference.
     pub param: String,
@@ -161,7 +163,7 @@ pub struct Input {
 }
 
 /// One external path named by a parameter.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct External {
     /// The parameter naming it.
     pub param: String,
@@ -178,6 +180,15 @@ pub struct External {
 /// A [`RecipeError`] listing every problem found (syntax, unknown kinds or parameters, type
 /// mismatches, dangling references, cycles, bad overrides...), each with its source span.
 pub fn load(path: &Path, overrides: &[String], registry: &Registry) -> Result<Recipe, RecipeError> {
+    load_with_digests(path, overrides, registry).map(|(recipe, _)| recipe)
+}
+
+/// [`load`], with the blake3 digest of each file in [`Recipe::files`] as the load read it.
+fn load_with_digests(
+    path: &Path,
+    overrides: &[String],
+    registry: &Registry,
+) -> Result<(Recipe, Vec<[u8; 32]>), RecipeError> {
     let mut ctx = Ctx::default();
     let display = path.display().to_string();
     let Some(mut doc) = load::load_root(path, &mut ctx) else {
@@ -201,7 +212,7 @@ pub fn load(path: &Path, overrides: &[String], registry: &Registry) -> Result<Re
     if !ctx.diags.is_empty() {
         return Err(ctx.diags.into_error(display));
     }
-    Ok(Recipe {
+    let recipe = Recipe {
         experiment,
         seed,
         // A bare file name (`pipeline run demo.toml`) has the empty path as parent, and
@@ -212,7 +223,8 @@ pub fn load(path: &Path, overrides: &[String], registry: &Registry) -> Result<Re
         },
         files: ctx.files,
         stages,
-    })
+    };
+    Ok((recipe, ctx.digests))
 }
 
 /// Documents with at least this many stage tables are freed on a rayon thread.
@@ -224,6 +236,8 @@ pub(crate) struct Ctx {
     sources: Sources,
     diags: Diags,
     files: Vec<PathBuf>,
+    /// The blake3 digest of each file of `files`, of the text that was parsed.
+    digests: Vec<[u8; 32]>,
     /// Parameter schemas by kind, built once per kind.
     specs: std::collections::HashMap<&'static str, std::sync::Arc<Vec<crate::stage::ParamSpec>>>,
     /// `--set <stage>/<expansion>.<param>=v`: overrides of one expansion, applied when that

@@ -6,6 +6,7 @@ mod expand;
 mod fuzz;
 mod graph;
 mod kinds;
+mod memo;
 mod perf;
 
 use std::path::{Path, PathBuf};

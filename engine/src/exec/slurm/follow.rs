@@ -148,7 +148,7 @@ impl Scheduler<'_> {
         };
         if let Err(e) = stage_run::finish(&env, node, kind.as_ref(), &entry) {
             let msg = match e {
-                FinishError::Corrupt(m) => m,
+                FinishError::Corrupt(m, _) => m,
                 FinishError::Other(e) => e.to_string(),
             };
             self.fail(i, Some(entry.key), msg, submitted.elapsed());
