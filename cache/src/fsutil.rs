@@ -293,6 +293,34 @@ pub(crate) fn du(path: &Path) -> u64 {
         .sum()
 }
 
+/// Checks that `name` is one plain path component, or (`allow_slash`) several joined by
+/// `/`: never empty, `.`, `..` or absolute, so that joining it stays under the base.
+pub(crate) fn check_name(what: &'static str, name: &str, allow_slash: bool) -> Result<()> {
+    let bad = |why| {
+        Err(Error::InvalidName {
+            what,
+            name: name.to_owned(),
+            why,
+        })
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.contains('\0') {
+        return bad("it contains a NUL byte");
+    }
+    if !allow_slash && name.contains('/') {
+        return bad("it contains `/`");
+    }
+    if name
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return bad("it has an empty, `.` or `..` path component");
+    }
+    Ok(())
+}
+
 /// `path` relative-joined to `base` after checking each component is a plain name.
 pub(crate) fn safe_join(
     base: &Path,
@@ -300,28 +328,12 @@ pub(crate) fn safe_join(
     name: &str,
     allow_slash: bool,
 ) -> Result<PathBuf> {
-    let bad = |why| Error::InvalidName {
-        what,
-        name: name.to_owned(),
-        why,
-    };
-    if name.is_empty() {
-        return Err(bad("it is empty"));
-    }
-    if name.contains('\0') {
-        return Err(bad("it contains a NUL byte"));
-    }
-    if !allow_slash && name.contains('/') {
-        return Err(bad("it contains `/`"));
-    }
+    check_name(what, name, allow_slash)?;
     // One allocation, parts appended as `PathBuf::push` would append these plain names
     // (it was several reallocations per ref read of a no-op rerun).
     let mut out = base.as_os_str().to_owned();
     out.reserve(name.len() + 1);
     for part in name.split('/') {
-        if part.is_empty() || part == "." || part == ".." {
-            return Err(bad("it has an empty, `.` or `..` path component"));
-        }
         if !out.is_empty() && !out.as_encoded_bytes().ends_with(b"/") {
             out.push("/");
         }

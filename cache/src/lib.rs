@@ -101,5 +101,6 @@ pub use gc::GcStats;
 pub use hash::{NodeKind, Tree, TreeEntry, hash_file, hash_tree};
 pub use lock::{LockGuard, LockHolder, LockOutcome, Waiting};
 pub use manifest::{CommitMeta, Entry, Lookup, Manifest, MissReason};
+pub use rel::DirFd;
 pub use stat_cache::StatCache;
 pub use store::{Cache, CacheOptions, FSYNC_ENV, LAYOUT_VERSION};

@@ -19,13 +19,18 @@ use rustix::fs::{AtFlags, CWD, Mode, OFlags, StatxFlags};
 
 use crate::stat_cache::Stamp;
 
-/// An open `O_PATH` descriptor of a directory.
+/// An open `O_PATH` descriptor of a directory, for calls relative to it. Public for the
+/// engine's own hot paths outside the store (the recipe directory a hit restores outputs
+/// into, the `runs/` links it checks); see [`crate::Cache::file_digest_at`].
 #[derive(Debug)]
-pub(crate) struct DirFd(OwnedFd);
+pub struct DirFd(OwnedFd);
 
 impl DirFd {
     /// Opens `dir` (which must exist).
-    pub(crate) fn open(dir: &Path) -> io::Result<DirFd> {
+    ///
+    /// # Errors
+    /// The directory cannot be opened.
+    pub fn open(dir: &Path) -> io::Result<DirFd> {
         let fd = rustix::fs::openat(
             CWD,
             dir,
@@ -91,7 +96,10 @@ impl DirFd {
     }
 
     /// The text of the symbolic link `rel`.
-    pub(crate) fn read_link(&self, rel: &Path) -> io::Result<Vec<u8>> {
+    ///
+    /// # Errors
+    /// As `readlinkat(2)`.
+    pub fn read_link(&self, rel: &Path) -> io::Result<Vec<u8>> {
         Ok(rustix::fs::readlinkat(&self.0, rel, Vec::new())?.into_bytes())
     }
 

@@ -211,6 +211,22 @@ impl Cache {
         self.stat.file_digest(path)
     }
 
+    /// [`Cache::file_digest`] for the file `rel` in the open directory `dir` (whose path
+    /// joined with `rel` is `path`, used if the stat cache must hash the file): the `stat`
+    /// is relative to `dir`, so the kernel does not walk `path` from the root (the restore
+    /// of a hit's outputs into the recipe directory makes one per output file).
+    ///
+    /// # Errors
+    /// The file cannot be read.
+    pub fn file_digest_at(&self, dir: &DirFd, rel: &Path, path: &Path) -> Result<(Digest, u64)> {
+        if let Ok(stamp) = dir.stamp(rel)
+            && let Some(d) = self.stat.get_stamp(&stamp)
+        {
+            return Ok((d, stamp.size()));
+        }
+        self.stat.file_digest(path)
+    }
+
     /// Persists the stat cache now (also done on drop).
     ///
     /// # Errors

@@ -123,6 +123,18 @@ fn refs_and_run_links() {
     assert_eq!(c.get_ref("exp", "task/GQA").unwrap(), Some(key("2")));
     assert!(c.set_ref("exp", "../x", &key("1")).is_err());
     assert!(c.set_ref("a/b", "x", &key("1")).is_err());
+    assert!(c.get_ref("exp", "../x").is_err());
+    // A ref is a symlink whose text fits in an ext4 inode (< 60 bytes); a task named like
+    // a directory of expansions does not collide with it.
+    let link = t.path().join("c/v1/refs/exp/task/GQA.key");
+    assert!(std::fs::read_link(&link).unwrap().as_os_str().len() < 60);
+    c.set_ref("exp", "task", &key("3")).unwrap();
+    assert_eq!(c.get_ref("exp", "task").unwrap(), Some(key("3")));
+    assert_eq!(c.get_ref("exp", "task/GQA").unwrap(), Some(key("2")));
+    // Unreadable text is no ref (refs only feed explanations).
+    std::fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink("not base64!", &link).unwrap();
+    assert_eq!(c.get_ref("exp", "task/GQA").unwrap(), None);
 
     let e1 = commit_files(&c, &key("1"), &[("f", b"one")]);
     let e2 = commit_files(&c, &key("2"), &[("f", b"two")]);

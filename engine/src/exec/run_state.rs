@@ -69,6 +69,8 @@ pub(super) struct RunState<'a, R> {
     keys: Vec<Option<Key>>,
     summary: RunSummary,
     started: Instant,
+    /// Directories that hits touch files in, open for the whole run.
+    dirs: Arc<stage_run::OpenDirs>,
 }
 
 impl<'a, R> RunState<'a, R> {
@@ -146,6 +148,7 @@ impl<'a, R> RunState<'a, R> {
             keys: vec![None; n],
             summary: RunSummary::default(),
             started,
+            dirs: Arc::new(stage_run::OpenDirs::open(recipe, opts.runs_dir.as_deref())),
         })
     }
 
@@ -188,6 +191,7 @@ impl<'a, R> RunState<'a, R> {
             reporter: self.reporter,
             cancel: &self.opts.cancel,
             runs_dir: self.opts.runs_dir.as_deref(),
+            dirs: self.dirs.clone(),
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use cache::{Cache, CommitMeta, Entry, Key, LockOutcome, MissReason};
+use cache::{Cache, CommitMeta, DirFd, Entry, Key, LockOutcome, MissReason};
 
 use super::keys;
 use crate::events::{Event, Reporter};
@@ -49,6 +49,29 @@ pub(super) struct Env<'a> {
     pub reporter: &'a dyn Reporter,
     pub cancel: &'a Arc<AtomicBool>,
     pub runs_dir: Option<&'a Path>,
+    pub dirs: Arc<OpenDirs>,
+}
+
+/// Directories a hit touches a file in, open once per run, so that those calls are
+/// relative to them instead of making the kernel walk the whole path every time (for a
+/// no-op rerun, the path walk was the largest kernel cost; see `cache`'s `rel` module).
+/// Either is `None` when it could not be opened (it does not exist yet): then the calls
+/// use the full path.
+#[derive(Debug, Default)]
+pub(super) struct OpenDirs {
+    /// The recipe directory, where a kind restores outputs.
+    pub recipe: Option<DirFd>,
+    /// `<runs>/<experiment>/`, holding the `runs/` links.
+    pub runs: Option<DirFd>,
+}
+
+impl OpenDirs {
+    pub fn open(recipe: &Recipe, runs_dir: Option<&Path>) -> Self {
+        Self {
+            recipe: DirFd::open(&recipe.dir).ok(),
+            runs: runs_dir.and_then(|r| DirFd::open(&r.join(&recipe.experiment)).ok()),
+        }
+    }
 }
 
 /// [`run_job`], with a panicking kind turned into an ordinary stage failure: the scheduler
@@ -305,7 +328,7 @@ pub(super) fn finish(
             }
         })?;
         if let Some(runs) = env.runs_dir {
-            link_if_changed(env.cache, runs, exp, &node.name, name, &dir)?;
+            link_if_changed(env, runs, &node.name, name, &dir)?;
         }
         outputs.insert(name.to_owned(), dir);
     }
@@ -317,6 +340,11 @@ pub(super) fn finish(
             cache: env.cache,
             entry,
             outputs: &outputs,
+            recipe_dir: env
+                .dirs
+                .recipe
+                .as_ref()
+                .map(|fd| (env.recipe.dir.as_path(), fd)),
         },
     )?;
     Ok(())
@@ -330,6 +358,9 @@ struct StatDigests<'a> {
     entry: &'a Entry,
     /// Output name -> its materialized directory.
     outputs: &'a BTreeMap<String, PathBuf>,
+    /// The recipe directory and its open descriptor: files under it are `stat`ed relative
+    /// to it.
+    recipe_dir: Option<(&'a Path, &'a DirFd)>,
 }
 
 impl StatDigests<'_> {
@@ -360,31 +391,52 @@ impl FileDigests for StatDigests<'_> {
         if let Some(found) = self.listed(path) {
             return Some(found);
         }
-        let (digest, size) = self.cache.file_digest(path).ok()?;
+        use std::os::unix::ffi::OsStrExt;
+        let rel = self.recipe_dir.and_then(|(dir, fd)| {
+            let rest = path
+                .as_os_str()
+                .as_bytes()
+                .strip_prefix(dir.as_os_str().as_bytes())?
+                .strip_prefix(b"/")?;
+            Some((Path::new(std::ffi::OsStr::from_bytes(rest)), fd))
+        });
+        let (digest, size) = match rel {
+            Some((rel, fd)) if !rel.as_os_str().is_empty() => {
+                self.cache.file_digest_at(fd, rel, path).ok()?
+            }
+            _ => self.cache.file_digest(path).ok()?,
+        };
         Some((digest.0, size))
     }
 }
 
 fn link_if_changed(
-    cache: &Cache,
+    env: &Env<'_>,
     runs: &Path,
-    exp: &str,
     stage: &str,
     output: &str,
     target: &Path,
 ) -> Result<(), StageError> {
-    // Built in one allocation and compared as bytes (the link is written with `target`'s
-    // bytes): `join`s and `Path`'s component-wise `==` were visible in a no-op rerun.
-    let mut link = runs.as_os_str().to_owned();
-    link.reserve(exp.len() + stage.len() + output.len() + 3);
-    for part in [exp, stage, output] {
-        link.push("/");
-        link.push(part);
-    }
-    if std::fs::read_link(&link).is_ok_and(|t| t.as_os_str() == target.as_os_str()) {
+    let exp = &env.recipe.experiment;
+    // The link is read relative to the open `<runs>/<experiment>/` when there is one, and
+    // compared as bytes (it is written with `target`'s bytes): `join`s and `Path`'s
+    // component-wise `==` were visible in a no-op rerun too.
+    let current = match &env.dirs.runs {
+        Some(dir) => {
+            let mut rel = String::with_capacity(stage.len() + output.len() + 1);
+            for part in [stage, "/", output] {
+                rel.push_str(part);
+            }
+            dir.read_link(Path::new(&rel)).ok()
+        }
+        None => std::fs::read_link(runs.join(exp).join(stage).join(output))
+            .ok()
+            .map(|t| t.into_os_string().into_encoded_bytes()),
+    };
+    if current.is_some_and(|t| t == target.as_os_str().as_encoded_bytes()) {
         return Ok(());
     }
-    cache
+    env.cache
         .link_run(runs, exp, stage, output, target)
         .map(|_| ())
         .map_err(|e| cache_err("cannot link the run directory", e))
