@@ -2,9 +2,17 @@
 //! times) and then resumed must end with outputs byte-identical to an uninterrupted run,
 //! leave no lock that blocks the resumed run, and a further run must be all hits.
 //!
-//! The whole process group is killed, as a preempted job or a power cut would: killing
-//! only `pipeline` would leave its `sh -c` children running, writing outs behind the
-//! resumed run's back, which is a different (and not a crash) scenario.
+//! Every process of the killed run dies, as in a preempted job or a power cut: `pipeline`
+//! is started in a session of its own and every process of that session is killed. Killing
+//! only its process group is not enough: each shell stage runs in a process group of its
+//! own (so that Ctrl-C reaches only the engine), and a stage command that outlived the
+//! kill went on writing its out behind the resumed run's back — a different scenario (not
+//! a crash), which made the resumed run fail or differ now and then under load.
+//!
+//! Kills are placed by progress, not by time: after a random number of stage commands of
+//! the run have started (from the side log), plus a random part of one command's sleep. A
+//! delay measured against one reference run missed most runs when the load changed
+//! between the reference and the killed runs.
 
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
@@ -36,36 +44,81 @@ impl Delays {
     }
 }
 
-/// Start `pipeline run` in its own process group and SIGKILL the group after `delay`.
-/// Returns whether the run had already finished before the kill.
-fn run_and_kill(p: &Project, delay: Duration) -> bool {
+/// Start `pipeline run` in a session of its own.
+fn spawn_run(p: &Project, args: &[&str]) -> std::process::Child {
     let recipe = p.recipe();
-    let mut c = p.cmd(&[
-        "--json",
-        "--no-progress",
-        "run",
-        recipe.to_str().unwrap(),
-        "-j",
-        "2",
-    ]);
-    c.process_group(0)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut child = c.spawn().expect("spawn");
-    let pgid = child.id() as i32;
-    let start = Instant::now();
-    while start.elapsed() < delay {
-        if child.try_wait().unwrap().is_some() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    // SAFETY: kill(2) on a process group we created; no memory is involved.
+    let mut all = vec!["--json", "--no-progress", "run", recipe.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let mut c = p.cmd(&all);
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent.
     unsafe {
-        libc::kill(-pgid, libc::SIGKILL);
+        c.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
     }
+    c.spawn().expect("spawn")
+}
+
+/// SIGKILL every process of session `sid` (the run and every stage command it started,
+/// whatever their process groups), until none is left.
+fn kill_session(sid: i32) {
+    for _ in 0..50 {
+        let mut found = false;
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid pgrp session ...`; comm may hold spaces or parens.
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next();
+            let session = fields.nth(2).and_then(|s| s.parse().ok());
+            // A zombie is dead already (its parent has not reaped it yet).
+            if session == Some(sid) && !matches!(state, Some("Z" | "X")) {
+                found = true;
+                // SAFETY: kill(2) with a pid; no memory is involved.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        if !found {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("processes of session {sid} survive SIGKILL");
+}
+
+/// Start a run and SIGKILL all of it once `after` more stage commands have started plus
+/// `extra`. Returns whether the run had already finished by then.
+fn run_and_kill(p: &Project, after: usize, extra: Duration) -> bool {
+    let before: usize = p.exec_counts().values().sum();
+    let mut child = spawn_run(p, &["-j", "2"]);
+    let sid = child.id() as i32;
+    let start = Instant::now();
+    let mut finished = false;
+    while p.exec_counts().values().sum::<usize>() < before + after {
+        if child.try_wait().unwrap().is_some() || start.elapsed() > Duration::from_secs(60) {
+            finished = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if !finished {
+        std::thread::sleep(extra);
+        finished = child.try_wait().unwrap().is_some();
+    }
+    kill_session(sid);
     child.wait().unwrap();
-    false
+    finished
 }
 
 #[test]
@@ -76,17 +129,21 @@ fn sigkill_at_random_moments_then_resume_is_bit_identical() {
     reference.run_json(&["-j", "2"]).ok();
     let full = t0.elapsed();
     let expected = reference.outs();
+    let sleep = Duration::from_secs_f64(opts().sleep.unwrap_or(0.0));
     assert_eq!(expected.len(), STAGES);
 
     let mut killed_mid_run = 0;
     for seed in 1..=6u64 {
         let (p, _) = Project::with_shape(Shape::Layered, STAGES, &opts());
         let mut delays = Delays(seed);
-        // One or two kills per seed, anywhere from process start to a little past the end.
+        // One or two kills per seed, anywhere from process start (no command started yet)
+        // to the last stages not yet done, at any point of a command.
         let kills = 1 + (seed % 2) as usize;
         for _ in 0..kills {
-            let delay = full.mul_f64(1.1 * delays.next_fraction());
-            if !run_and_kill(&p, delay) {
+            let left = STAGES.saturating_sub(p.exec_counts().len());
+            let after = (delays.next_fraction() * left as f64) as usize;
+            let extra = sleep.mul_f64(1.5 * delays.next_fraction());
+            if !run_and_kill(&p, after, extra) {
                 killed_mid_run += 1;
             }
         }
@@ -129,13 +186,8 @@ fn sigkill_after_every_stage_commit_count() {
 
     let (p, _) = Project::with_shape(Shape::Chain, 8, &opts());
     for target in 1..8 {
-        let recipe = p.recipe();
-        let mut c = p.cmd(&["--json", "--no-progress", "run", recipe.to_str().unwrap()]);
-        c.process_group(0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let mut child = c.spawn().unwrap();
-        let pgid = child.id() as i32;
+        let mut child = spawn_run(&p, &[]);
+        let sid = child.id() as i32;
         let start = Instant::now();
         // Wait until the chain reached stage `target` (its command has started).
         while !p.exec_counts().contains_key(&format!("s{target:04}"))
@@ -146,10 +198,7 @@ fn sigkill_after_every_stage_commit_count() {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        // SAFETY: kill(2) on a process group we created.
-        unsafe {
-            libc::kill(-pgid, libc::SIGKILL);
-        }
+        kill_session(sid);
         child.wait().unwrap();
     }
     let recipe = p.recipe();
