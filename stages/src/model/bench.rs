@@ -258,6 +258,106 @@ fn gen_tok_s(model: &Llava, text_len: usize, b: usize, opts: &BenchOptions) -> R
     Ok((n / (t.wall / 1e3), n / (t.cpu / 1e3)))
 }
 
+/// One measurement of [`run`] alone, for profiling a single path (`--only` of
+/// `cargo bench --bench model`): callgrind or perf then see only that phase plus the
+/// model's setup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// `forward_ms`.
+    Forward,
+    /// `lora_step_ms`.
+    Lora,
+    /// `full_step_ms`.
+    Full,
+    /// `generate_tok_s_b1`.
+    Gen1,
+    /// `generate_tok_s_b16`.
+    Gen16,
+    /// The prefill of `generate_tok_s_b16` alone (its prompts into a fresh KV cache, the
+    /// last position's hidden state), in ms.
+    Prefill16,
+}
+
+impl std::str::FromStr for Phase {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "forward" => Self::Forward,
+            "lora" => Self::Lora,
+            "full" => Self::Full,
+            "gen1" => Self::Gen1,
+            "gen16" => Self::Gen16,
+            "prefill16" => Self::Prefill16,
+            _ => {
+                return Err(format!(
+                    "unknown phase `{s}` (forward, lora, full, gen1, gen16, prefill16)"
+                ));
+            }
+        })
+    }
+}
+
+/// Runs one phase; returns its (wall, CPU) value in the report's unit (ms or tok/s).
+pub fn run_phase(src: &ModelSource, opts: &BenchOptions, phase: Phase) -> Result<(f64, f64)> {
+    let mut model = load(src)?;
+    let data = batch(&model, opts.batch, opts.text_len, 1)?;
+    let t = match phase {
+        Phase::Gen1 => return gen_tok_s(&model, opts.text_len, 1, opts),
+        Phase::Gen16 => return gen_tok_s(&model, opts.text_len, 16, opts),
+        Phase::Prefill16 => {
+            let d = batch(&model, 16, opts.text_len, 7)?;
+            let len = d.ids.dim(1)?;
+            time_ms(opts.steps, || {
+                let mut cache = super::KvCache::with_capacity(len + opts.new_tokens);
+                model
+                    .forward_hidden_from(
+                        &d.ids,
+                        Some(&d.pixels),
+                        None,
+                        None,
+                        Some(&mut cache),
+                        len - 1,
+                    )
+                    .map(|_| ())
+            })?
+        }
+        Phase::Forward => forward_timing(&model, &data, opts.steps)?,
+        Phase::Lora => step_timing(&mut model, TrainMode::LORA, opts, &data)?.0,
+        Phase::Full => step_timing(&mut model, TrainMode::FULL, opts, &data)?.0,
+    };
+    Ok((t.wall, t.cpu))
+}
+
+fn forward_timing(model: &Llava, data: &Batch, steps: usize) -> Result<Timing> {
+    time_ms(steps, || {
+        model
+            .forward(&data.ids, Some(&data.pixels), None, None, None)
+            .map(|_| ())
+    })
+}
+
+/// Times training steps of `mode` (LoRA: a fresh rank-`lora_rank` adapter on every
+/// language-model projection); also returns the number of trainable parameters.
+fn step_timing(
+    model: &mut Llava,
+    mode: TrainMode,
+    opts: &BenchOptions,
+    data: &Batch,
+) -> Result<(Timing, usize)> {
+    if mode == TrainMode::LORA {
+        let r = opts.lora_rank;
+        model.add_adapter("bench", LoraConfig::language_model(r, 2.0 * r as f64), 0)?;
+    }
+    let vars = model.trainable_vars(mode)?;
+    let n = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = adamw(vars)?;
+    let model = &*model;
+    Ok((
+        time_ms(opts.steps, || train_step(model, data, &mut opt))?,
+        n,
+    ))
+}
+
 /// Runs every measurement.
 pub fn run(src: &ModelSource, opts: &BenchOptions) -> Result<BenchReport> {
     let sizes = [
@@ -281,25 +381,13 @@ pub fn run(src: &ModelSource, opts: &BenchOptions) -> Result<BenchReport> {
         .map(|id| model.params().get(id).elem_count())
         .sum();
     let data = batch(&model, opts.batch, opts.text_len, 1)?;
-    let forward = time_ms(opts.steps, || {
-        model
-            .forward(&data.ids, Some(&data.pixels), None, None, None)
-            .map(|_| ())
-    })?;
+    let forward = forward_timing(&model, &data, opts.steps)?;
     let gen_b1 = gen_tok_s(&model, opts.text_len, 1, opts)?;
     let gen_b16 = gen_tok_s(&model, opts.text_len, 16, opts)?;
-
-    let r = opts.lora_rank;
-    model.add_adapter("bench", LoraConfig::language_model(r, 2.0 * r as f64), 0)?;
-    let vars = model.trainable_vars(TrainMode::LORA)?;
-    let lora_params = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = adamw(vars)?;
-    let lora = time_ms(opts.steps, || train_step(&model, &data, &mut opt))?;
+    let (lora, lora_params) = step_timing(&mut model, TrainMode::LORA, opts, &data)?;
     drop(model);
-
     let mut full = load(src)?;
-    let mut opt = adamw(full.trainable_vars(TrainMode::FULL)?)?;
-    let full_step = time_ms(opts.steps, || train_step(&full, &data, &mut opt))?;
+    let (full_step, _) = step_timing(&mut full, TrainMode::FULL, opts, &data)?;
 
     let model_name = match src {
         ModelSource::Dir(d) => d.display().to_string(),
@@ -310,7 +398,7 @@ pub fn run(src: &ModelSource, opts: &BenchOptions) -> Result<BenchReport> {
         batch: opts.batch,
         image_tokens: full.config().image_tokens_per_image(),
         text_len: opts.text_len,
-        lora_rank: r,
+        lora_rank: opts.lora_rank,
         steps: opts.steps,
         new_tokens: opts.new_tokens,
         threads: rayon::current_num_threads(),

@@ -24,7 +24,7 @@
 //! token and summed under a response mask, differentiable (fused log-softmax + gather),
 //! for DPO losses and multiple-choice scoring.
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::sampling::{SamplingParams, sample, sequence_rng};
 use super::{KvCache, Llava, ModelError, Result};
@@ -216,14 +216,16 @@ fn generate_chunk(
     let input = Tensor::from_vec(ids, (b, len), &dev)?;
     let position = Tensor::from_vec(pos, (b, len), &dev)?;
     let mask = mask_tensor(&rows, &dev)?;
-    let hidden = model.forward_hidden(
+    // Only the last position's hidden state is needed: the last layer skips the others.
+    let hidden = model.forward_hidden_from(
         &input,
         pixel_values.as_ref(),
         Some(&mask),
         Some(&position),
         Some(&mut cache),
+        len - 1,
     )?;
-    let mut logits = model.lm_head(&hidden.i((.., len - 1..len, ..))?)?;
+    let mut logits = model.lm_head(&hidden)?;
     let mut done = Vec::with_capacity(b);
     loop {
         let rows_logits = logits.squeeze(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -386,8 +388,9 @@ pub fn token_logprobs(
 /// The LM head runs only at the positions that predict a scored token (hidden states
 /// gathered where `response_mask[:, 1:] != 0`): for LLaVA most positions are image and
 /// prompt tokens, so this skips most of the LM-head GEMMs and log-softmax forward and
-/// backward. Scores are scattered back into `per_token` with `index_add`, which is
-/// differentiable in the gathered values.
+/// backward. The last decoder layer likewise starts at the first such position
+/// ([`Llava::forward_hidden_from`]). Scores are scattered back into `per_token` with
+/// `index_add`, which is differentiable in the gathered values.
 pub fn sequence_logprobs(
     model: &Llava,
     input_ids: &Tensor,
@@ -396,22 +399,34 @@ pub fn sequence_logprobs(
     position_ids: Option<&Tensor>,
     response_mask: &Tensor,
 ) -> Result<SequenceLogprobs> {
-    let hidden =
-        model.forward_hidden(input_ids, pixel_values, attention_mask, position_ids, None)?;
-    let (b, s, dm) = hidden.dims3()?;
-    if s < 2 || input_ids.dims() != [b, s] || response_mask.dims() != [b, s] {
-        // Let the full path report the shape problem.
-        return token_logprobs(&model.lm_head(&hidden)?, input_ids, response_mask);
-    }
-    let dev = hidden.device();
+    let full = || -> Result<SequenceLogprobs> {
+        // Every position: also how shape problems get reported.
+        let hidden =
+            model.forward_hidden(input_ids, pixel_values, attention_mask, position_ids, None)?;
+        token_logprobs(&model.lm_head(&hidden)?, input_ids, response_mask)
+    };
+    let (b, s) = match input_ids.dims2() {
+        Ok((b, s)) if s >= 2 && response_mask.dims() == [b, s] => (b, s),
+        _ => return full(),
+    };
     let mask = response_mask.narrow(1, 1, s - 1)?.to_dtype(DType::F32)?;
     let mask_v = mask.flatten_all()?.to_vec1::<f32>()?;
     let rows: Vec<u32> = (0..mask_v.len() as u32)
         .filter(|&i| mask_v[i as usize] != 0.0)
         .collect();
-    if rows.is_empty() {
-        return token_logprobs(&model.lm_head(&hidden)?, input_ids, response_mask);
-    }
+    let Some(from) = rows.iter().map(|&r| r as usize % (s - 1)).min() else {
+        return full();
+    };
+    let hidden = model.forward_hidden_from(
+        input_ids,
+        pixel_values,
+        attention_mask,
+        position_ids,
+        None,
+        from,
+    )?;
+    let (_, sh, dm) = hidden.dims3()?;
+    let dev = hidden.device();
     let targets: Vec<u32> = input_ids
         .narrow(1, 1, s - 1)?
         .to_dtype(DType::U32)?
@@ -419,12 +434,20 @@ pub fn sequence_logprobs(
         .to_vec1()?;
     let picked_t: Vec<u32> = rows.iter().map(|&r| targets[r as usize]).collect();
     let weights: Vec<f32> = rows.iter().map(|&r| mask_v[r as usize]).collect();
+    // Row r = (batch, position i) of the [b, s − 1] scores is row (batch, i − from) of
+    // the hidden states.
+    let at: Vec<u32> = rows
+        .iter()
+        .map(|&r| {
+            let (bi, i) = (r as usize / (s - 1), r as usize % (s - 1));
+            (bi * sh + i - from) as u32
+        })
+        .collect();
     let n = rows.len();
     let rows = Tensor::from_vec(rows, n, dev)?;
     let h = hidden
-        .narrow(1, 0, s - 1)?
-        .reshape((b * (s - 1), dm))?
-        .index_select(&rows, 0)?;
+        .reshape((b * sh, dm))?
+        .index_select(&Tensor::from_vec(at, n, dev)?, 0)?;
     let lsm = crate::ops::log_softmax_last_dim(&model.lm_head(&h)?.to_dtype(DType::F32)?)?;
     let picked = lsm
         .gather(&Tensor::from_vec(picked_t, (n, 1), dev)?, 1)?

@@ -12,7 +12,6 @@
 
 use candle_core::{Result, Tensor};
 
-use super::lora::Adapter;
 use super::weights::{Builder, Init, ParamId, ParamStore};
 use crate::ops;
 
@@ -20,7 +19,7 @@ use crate::ops;
 /// dropout key when LoRA dropout is active (training).
 pub(crate) struct Ctx<'a> {
     pub(crate) store: &'a ParamStore,
-    pub(crate) adapters: &'a [Adapter],
+    pub(crate) adapters: &'a [super::lora::Adapter],
     pub(crate) dropout: Option<DropoutKey>,
 }
 
@@ -85,24 +84,36 @@ impl Builder<'_> {
 }
 
 impl Linear {
+    /// The layer's LoRA pairs `(A, B, scale)` in adapter order, the form the fused kernels
+    /// take; `None` when dropout is active on one of them.
+    pub(crate) fn fused_loras<'c>(
+        &self,
+        cx: &Ctx<'c>,
+    ) -> Option<Vec<(&'c Tensor, &'c Tensor, f64)>> {
+        cx.adapters
+            .iter()
+            .filter_map(|ad| ad.pair(self.slot).map(|p| (ad, p)))
+            .map(|(ad, p)| {
+                let dropout = cx.dropout.is_some() && ad.config.dropout > 0.0;
+                (!dropout).then_some((&p.a, &p.b, ad.scale()))
+            })
+            .collect()
+    }
+
     pub(crate) fn forward(&self, x: &Tensor, cx: &Ctx<'_>) -> Result<Tensor> {
         let w = cx.store.get(self.w);
         let b = self.b.map(|id| cx.store.get(id));
-        let mut active = cx
+        match self.fused_loras(cx).as_deref() {
+            Some([]) => return ops::linear(x, w, b),
+            Some(&[(a, bm, scale)]) => return ops::lora_linear(x, w, b, a, bm, scale),
+            _ => {}
+        }
+        let mut y = ops::linear(x, w, b)?;
+        let active = cx
             .adapters
             .iter()
             .filter_map(|ad| ad.pair(self.slot).map(|p| (ad, p)));
-        let first = active.next();
-        let Some((ad, pair)) = first else {
-            return ops::linear(x, w, b);
-        };
-        let dropout_on = |ad: &Adapter| cx.dropout.is_some() && ad.config.dropout > 0.0;
-        let rest: Vec<_> = active.collect();
-        if rest.is_empty() && !dropout_on(ad) {
-            return ops::lora_linear(x, w, b, &pair.a, &pair.b, ad.scale());
-        }
-        let mut y = ops::linear(x, w, b)?;
-        for (ad, pair) in std::iter::once((ad, pair)).chain(rest) {
+        for (ad, pair) in active {
             let xd = match cx.dropout {
                 Some(key) if ad.config.dropout > 0.0 => ad.dropout(x, key, self.slot)?,
                 _ => x.clone(),

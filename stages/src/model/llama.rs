@@ -20,6 +20,7 @@ use super::config::LlamaConfig;
 use super::linear::{Ctx, Linear, LinearInfo};
 use super::weights::{Builder, Init, ParamId};
 use crate::ops;
+use crate::ops::decoder;
 
 /// Per-layer key/value cache for incremental decoding.
 ///
@@ -298,52 +299,55 @@ impl Llama {
         })
     }
 
-    /// Runs the decoder on `x: [b, s, d]`, returning the final-norm hidden states.
-    /// `capture` receives each layer's output when given.
+    /// Runs the decoder on `x: [b, s, d]`, returning the final-norm hidden states of
+    /// positions `from..s` (`[b, s − from, d]`): the last layer computes only those rows
+    /// (keys and values of every position still go to the cache). `capture` receives each
+    /// layer's output when given.
+    ///
+    /// A layer runs as one fused computation (`ops::decoder`) when it can (CPU f32, no
+    /// biases, frozen base weights, no LoRA dropout, no graph through the cache); otherwise
+    /// as composed ops ([`Llama::composed_layer`]).
     pub(crate) fn forward(
         &self,
         mut x: Tensor,
         at: &Positions<'_>,
+        from: usize,
         mut cache: Option<&mut KvCache>,
         cx: &Ctx<'_>,
         mut capture: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let Positions { mask, cos, sin } = *at;
-        let c = &self.cfg;
-        let (b, s, _) = x.dims3()?;
-        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let scale = 1.0 / (hd as f64).sqrt();
+        let s = x.dim(1)?;
+        if from >= s.max(1) {
+            candle_core::bail!("decoder: output from position {from} of {s}");
+        }
+        let dims = self.layer_dims();
+        let mut fused_pos = None;
+        let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
-            let n = ops::rms_norm(&x, cx.store.get(layer.input_ln), c.rms_norm_eps)?;
-            let q = layer
-                .q
-                .forward(&n, cx)?
-                .reshape((b, s, h, hd))?
-                .transpose(1, 2)?;
-            let k = layer
-                .k
-                .forward(&n, cx)?
-                .reshape((b, s, kvh, hd))?
-                .transpose(1, 2)?;
-            let v = layer
-                .v
-                .forward(&n, cx)?
-                .reshape((b, s, kvh, hd))?
-                .transpose(1, 2)?;
-            let q = ops::rope(&q.contiguous()?, cos, sin)?;
-            let k = ops::rope(&k.contiguous()?, cos, sin)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(cache) => cache.append(i, k, v.contiguous()?)?,
-                None => (k, v),
+            let from_i = if i == last { from } else { 0 };
+            let fused = self
+                .fused_params(layer, cx, &x)
+                .filter(|p| cache.is_none() || !(x.track_op() || p.lora_tracked()));
+            x = match fused {
+                Some(p) => {
+                    let pos = match &fused_pos {
+                        Some(pos) => pos,
+                        None => fused_pos.insert(decoder::Positions::new(at.cos, at.sin, at.mask)?),
+                    };
+                    match cache.as_deref_mut() {
+                        _ if x.track_op() || p.lora_tracked() => {
+                            decoder::train(&p, dims, &x, pos, from_i)?
+                        }
+                        Some(cache) => {
+                            let mut append = |k, v| cache.append(i, k, v);
+                            let kv = decoder::Kv::Cache(&mut append);
+                            decoder::forward(&p, dims, &x, pos, from_i, kv)?
+                        }
+                        None => decoder::forward(&p, dims, &x, pos, from_i, decoder::Kv::Own)?,
+                    }
+                }
+                None => self.composed_layer(layer, i, x, at, from_i, cache.as_deref_mut(), cx)?,
             };
-            let a = ops::attention(&q, &k, &v, mask, scale)?
-                .transpose(1, 2)?
-                .reshape((b, s, h * hd))?;
-            x = (x + layer.o.forward(&a, cx)?)?;
-            let n = ops::rms_norm(&x, cx.store.get(layer.post_ln), c.rms_norm_eps)?;
-            let g = layer.gate.forward(&n, cx)?;
-            let u = layer.up.forward(&n, cx)?;
-            x = (x + layer.down.forward(&ops::swiglu(&g, &u)?, cx)?)?;
             if let Some(cap) = capture.as_deref_mut() {
                 cap.push(x.clone());
             }
@@ -351,7 +355,123 @@ impl Llama {
         if let Some(cache) = cache {
             cache.advance(s);
         }
-        ops::rms_norm(&x, cx.store.get(self.norm), c.rms_norm_eps)
+        if self.layers.is_empty() && from > 0 {
+            x = x.narrow(1, from, s - from)?;
+        }
+        ops::rms_norm(&x, cx.store.get(self.norm), self.cfg.rms_norm_eps)
+    }
+
+    fn layer_dims(&self) -> decoder::LayerDims {
+        let c = &self.cfg;
+        decoder::LayerDims {
+            d: c.hidden_size,
+            hq: c.num_attention_heads,
+            hkv: c.num_key_value_heads,
+            hd: c.head_dim,
+            inter: c.intermediate_size,
+            eps: c.rms_norm_eps as f32,
+        }
+    }
+
+    /// The layer's tensors for the fused path, or `None` when it does not apply.
+    fn fused_params(
+        &self,
+        layer: &LlamaLayer,
+        cx: &Ctx<'_>,
+        x: &Tensor,
+    ) -> Option<decoder::Params> {
+        let c = &self.cfg;
+        if c.attention_bias
+            || c.mlp_bias
+            || !decoder::enabled()
+            || !x.device().is_cpu()
+            || x.dtype() != DType::F32
+        {
+            return None;
+        }
+        let lins = [
+            &layer.q,
+            &layer.k,
+            &layer.v,
+            &layer.o,
+            &layer.gate,
+            &layer.up,
+            &layer.down,
+        ];
+        let mut lora: [Vec<(Tensor, Tensor, f32)>; 7] = Default::default();
+        for (slot, l) in lora.iter_mut().zip(lins) {
+            *slot = l
+                .fused_loras(cx)?
+                .into_iter()
+                .map(|(a, b, s)| (a.clone(), b.clone(), s as f32))
+                .collect();
+        }
+        let p = decoder::Params {
+            ln1: cx.store.get(layer.input_ln).clone(),
+            ln2: cx.store.get(layer.post_ln).clone(),
+            w: lins.map(|l| cx.store.get(l.w).clone()),
+            lora,
+        };
+        p.eligible(&self.layer_dims()).then_some(p)
+    }
+
+    /// One layer as composed ops (the reference for the fused path), output rows `from..s`.
+    #[allow(clippy::too_many_arguments)]
+    fn composed_layer(
+        &self,
+        layer: &LlamaLayer,
+        i: usize,
+        x: Tensor,
+        at: &Positions<'_>,
+        from: usize,
+        cache: Option<&mut KvCache>,
+        cx: &Ctx<'_>,
+    ) -> Result<Tensor> {
+        let Positions { mask, cos, sin } = *at;
+        let c = &self.cfg;
+        let (b, s, _) = x.dims3()?;
+        let sq = s - from;
+        let (h, kvh, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let n = ops::rms_norm(&x, cx.store.get(layer.input_ln), c.rms_norm_eps)?;
+        // Queries (and the residual) only at positions from..s.
+        let suffix = |t: &Tensor, dim: usize| -> Result<Tensor> {
+            if from == 0 {
+                Ok(t.clone())
+            } else {
+                t.narrow(dim, from, sq)
+            }
+        };
+        let q = layer
+            .q
+            .forward(&suffix(&n, 1)?, cx)?
+            .reshape((b, sq, h, hd))?
+            .transpose(1, 2)?;
+        let k = layer
+            .k
+            .forward(&n, cx)?
+            .reshape((b, s, kvh, hd))?
+            .transpose(1, 2)?;
+        let v = layer
+            .v
+            .forward(&n, cx)?
+            .reshape((b, s, kvh, hd))?
+            .transpose(1, 2)?;
+        let q = ops::rope(&q.contiguous()?, &suffix(cos, 1)?, &suffix(sin, 1)?)?;
+        let k = ops::rope(&k.contiguous()?, cos, sin)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(i, k, v.contiguous()?)?,
+            None => (k, v),
+        };
+        let mask = mask.map(|m| suffix(m, 2)).transpose()?;
+        let a = ops::attention(&q, &k, &v, mask.as_ref(), scale)?
+            .transpose(1, 2)?
+            .reshape((b, sq, h * hd))?;
+        let x = (suffix(&x, 1)? + layer.o.forward(&a, cx)?)?;
+        let n = ops::rms_norm(&x, cx.store.get(layer.post_ln), c.rms_norm_eps)?;
+        let g = layer.gate.forward(&n, cx)?;
+        let u = layer.up.forward(&n, cx)?;
+        x + layer.down.forward(&ops::swiglu(&g, &u)?, cx)?
     }
 
     /// `hidden Wᵀ` with the LM head (or the embeddings when tied).

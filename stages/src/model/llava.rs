@@ -327,6 +327,29 @@ impl Llava {
         position_ids: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        self.forward_hidden_from(
+            input_ids,
+            pixel_values,
+            attention_mask,
+            position_ids,
+            cache,
+            0,
+        )
+    }
+
+    /// [`Llava::forward_hidden`] at positions `from..s` only (`[b, s − from, D]`): the last
+    /// decoder layer computes just those rows (keys and values of all positions still
+    /// enter the cache), so a caller that needs a few positions (the last one to start
+    /// generating; the scored ones of a loss) skips most of that layer's work.
+    pub fn forward_hidden_from(
+        &self,
+        input_ids: &Tensor,
+        pixel_values: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        position_ids: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        from: usize,
+    ) -> Result<Tensor> {
         let cx = self.ctx();
         let feats = match pixel_values {
             Some(pv) => {
@@ -336,7 +359,13 @@ impl Llava {
             None => None,
         };
         let embeds = self.merge(input_ids, feats.as_ref(), &cx)?;
-        self.decode(embeds, attention_mask, position_ids, cache, &cx, None)
+        let s = embeds.dim(1)?;
+        if from >= s.max(1) {
+            return Err(ModelError::Input(format!(
+                "forward: output positions from {from} of a {s}-token input"
+            )));
+        }
+        self.decode(embeds, attention_mask, position_ids, cache, &cx, None, from)
     }
 
     /// The LM head on hidden states `[.., D]`.
@@ -369,6 +398,7 @@ impl Llava {
             None,
             &cx,
             Some(&mut layers),
+            0,
         )?;
         let logits = self.lm.lm_head(&hidden, &cx)?;
         Ok(Trace {
@@ -455,6 +485,8 @@ impl Llava {
     }
 
     /// Runs the decoder on merged embeddings; builds positions, RoPE tables and the mask.
+    /// Returns the final hidden states of positions `from..s`.
+    #[allow(clippy::too_many_arguments)]
     fn decode(
         &self,
         embeds: Tensor,
@@ -463,6 +495,7 @@ impl Llava {
         cache: Option<&mut KvCache>,
         cx: &Ctx<'_>,
         capture: Option<&mut Vec<Tensor>>,
+        from: usize,
     ) -> Result<Tensor> {
         let (b, s, _) = embeds.dims3()?;
         let past = cache.as_deref().map_or(0, KvCache::len);
@@ -523,6 +556,7 @@ impl Llava {
                 cos: &cos,
                 sin: &sin,
             },
+            from,
             cache,
             cx,
             capture,

@@ -48,6 +48,9 @@ pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
+#[cfg(test)]
+mod fused_tests;
+
 use std::path::PathBuf;
 
 pub use config::{ClipVisionConfig, FeatureSelect, LlamaConfig, LlavaConfig};

@@ -5,24 +5,32 @@
 //! stable softmax per row, then `P V` as a second GEMM. The probabilities of a whole head are
 //! never stored: backward recomputes each tile's (flash attention's trade), so memory stays
 //! `O(b·h·s·d)` like the inputs plus one tile per thread. The GEMMs are the `gemm` crate's
-//! (candle's own CPU matmul backend, AVX-512/FMA microkernels, one thread per call since
-//! heads are already spread over rayon): a per-row scalar dot product loop ran at a small
-//! fraction of that speed (profile in docs/model-bench.md).
+//! (module `gemm`): a per-row scalar dot product loop ran at a small fraction of that speed
+//! (profile in docs/model-bench.md). A tile of very few rows (a decoding step: one query per
+//! sequence) takes vectorized dot products and row updates instead (module `simd`): a
+//! one-row GEMM per head uses one of the microkernel's 16 rows and pays gemm's per-call
+//! set-up, which made decoding attention several times slower.
 //!
-//! Masked keys: HF fills masked scores with `f32::MIN`. Adding any finite score of
-//! magnitude < 1e31 to `f32::MIN` rounds back to `f32::MIN` exactly, so a key whose mask is
-//! `f32::MIN` (or `-inf`) gets the mask value itself as its score, bit-identical to adding
-//! it; its probability is then exactly 0 and contributes nothing to either GEMM.
+//! Layouts ([`Heads`]): queries, keys, values, outputs and gradients may each be
+//! head-major (`[b, h, len, d]`, the op's tensors; a prefix view of the KV cache's
+//! `[b, h, cap, d]` buffers) or token-major (`[b, len, h, d]`, a linear layer's output
+//! viewed per head, which the fused decoder layer of module `decoder` attends over without
+//! transposing). Only each row's `d` values need to be contiguous.
 //!
-//! GQA: query head `h` reads KV head `h / (hq / hkv)`. Backward parallelizes over
-//! (batch, KV head) groups, so each task owns its query heads' `dq` and its `dk`, `dv`
-//! exclusively: no atomics, deterministic sums for a given thread count.
+//! Masked keys: see [`super::simd::masked_softmax_rows`] (HF's `f32::MIN` fill, exactly
+//! zero probability).
+//!
+//! GQA: query head `h` reads KV head `h / (hq / hkv)`. Both passes parallelize over the
+//! batch, so each task owns its batch's rows of every output: no atomics, and every sum
+//! runs in the same order whatever the thread count.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::fused::{grad_for, slice, tensor, with_f32};
+use super::gemm::{Mat, mm};
+use super::simd;
 
 /// An additive mask broadcast to `[b, mh, s, t]`, `mh` ∈ {1, hq}.
 pub(crate) struct Mask {
@@ -30,18 +38,21 @@ pub(crate) struct Mask {
     pub(crate) per_head: bool,
 }
 
+/// The attention op on head-major tensors (`ops::attention`).
 pub(crate) struct Attention {
     pub(crate) scale: f32,
     pub(crate) mask: Option<Mask>,
 }
 
-#[derive(Clone, Copy)]
-struct Dims {
-    hq: usize,
-    hkv: usize,
-    s: usize,
-    t: usize,
-    d: usize,
+/// Problem sizes: batch, query heads, KV heads, queries, keys, head width.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub(crate) b: usize,
+    pub(crate) hq: usize,
+    pub(crate) hkv: usize,
+    pub(crate) s: usize,
+    pub(crate) t: usize,
+    pub(crate) d: usize,
 }
 
 impl Dims {
@@ -58,6 +69,7 @@ impl Dims {
                     && hq % hkv == 0 =>
             {
                 Ok(Self {
+                    b: *b,
                     hq: *hq,
                     hkv: *hkv,
                     s: *s,
@@ -72,62 +84,53 @@ impl Dims {
     }
 }
 
-impl Attention {
-    fn mask_row(&self, dm: Dims, bi: usize, h: usize, i: usize) -> Option<&[f32]> {
-        self.mask.as_ref().map(|m| {
-            let mh = if m.per_head { dm.hq } else { 1 };
-            let hh = if m.per_head { h } else { 0 };
-            let o = ((bi * mh + hh) * dm.s + i) * dm.t;
-            &m.data[o..o + dm.t]
-        })
-    }
+/// Where the rows of each (batch, head) live in a buffer: row `i` of head `h` of batch
+/// `b` starts at `start + b·bs + h·hs + i·rs`, and its `d` values are contiguous.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Heads {
+    pub(crate) start: usize,
+    pub(crate) bs: usize,
+    pub(crate) hs: usize,
+    pub(crate) rs: usize,
 }
 
-/// Keys or values `[b, h, t, d]` for the forward: each (batch, head) block of `t × d` is
-/// contiguous, but blocks may sit at any stride. That is the layout of a prefix view of
-/// the preallocated KV cache (`[b, h, cap, d]` narrowed to `t` positions), which the
-/// kernel thus reads without first copying it into a contiguous tensor.
-struct HeadBlocks<'a> {
-    data: &'a [f32],
-    start: usize,
-    batch_stride: usize,
-    head_stride: usize,
-    len: usize,
-}
-
-impl<'a> HeadBlocks<'a> {
-    fn new(s: &'a CpuStorage, l: &Layout) -> Result<Self> {
-        let CpuStorage::F32(data) = s else {
-            bail!(
-                "attention: fused kernel needs f32 input, got {:?}",
-                s.dtype()
-            )
-        };
-        if !blocks_contiguous(l) {
-            bail!("attention: keys/values need contiguous [t, d] blocks per head");
+impl Heads {
+    /// Contiguous `[b, h, len, d]`.
+    pub(crate) fn head_major(h: usize, len: usize, d: usize) -> Self {
+        Self {
+            start: 0,
+            bs: h * len * d,
+            hs: len * d,
+            rs: d,
         }
-        let (st, dims) = (l.stride(), l.dims());
-        Ok(Self {
-            data,
-            start: l.start_offset(),
-            batch_stride: st[0],
-            head_stride: st[1],
-            len: dims[2] * dims[3],
-        })
+    }
+
+    /// Contiguous `[b, len, h, d]` (a `[b, len, h·d]` linear output).
+    pub(crate) fn token_major(h: usize, len: usize, d: usize) -> Self {
+        Self {
+            start: 0,
+            bs: len * h * d,
+            hs: d,
+            rs: h * d,
+        }
+    }
+
+    /// A rank-4 `[b, h, len, d]` layout whose last dim is contiguous.
+    pub(crate) fn from_layout(l: &Layout) -> Option<Self> {
+        match (l.dims(), l.stride()) {
+            ([_, _, _, d], [bs, hs, rs, sd]) if *sd == 1 || *d <= 1 => Some(Self {
+                start: l.start_offset(),
+                bs: *bs,
+                hs: *hs,
+                rs: *rs,
+            }),
+            _ => None,
+        }
     }
 
     #[inline]
-    fn block(&self, b: usize, h: usize) -> &'a [f32] {
-        let o = self.start + b * self.batch_stride + h * self.head_stride;
-        &self.data[o..o + self.len]
-    }
-}
-
-/// Whether a rank-4 layout has a contiguous `[t, d]` block per (batch, head).
-pub(crate) fn blocks_contiguous(l: &Layout) -> bool {
-    match (l.dims(), l.stride()) {
-        ([_, _, t, d], [_, _, st, sd]) => (*sd == 1 || *d <= 1) && (*st == *d || *t <= 1),
-        _ => false,
+    pub(crate) fn at(&self, b: usize, h: usize) -> usize {
+        self.start + b * self.bs + h * self.hs
     }
 }
 
@@ -135,91 +138,245 @@ pub(crate) fn blocks_contiguous(l: &Layout) -> bool {
 /// (a 2048-token prompt needs 1 MiB, not 16).
 const TILE: usize = 128;
 
-/// `dst[m, n] = (read_dst ? dst : 0) + beta · lhs[m, k] · rhs[k, n]`, all row-major with
-/// explicit strides: `(rs, cs)` = (row, column) stride of each operand. One thread (the
-/// caller parallelizes over heads); deterministic for given shapes.
-#[allow(clippy::too_many_arguments)]
-fn mm(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [f32],
-    read_dst: bool,
-    lhs: &[f32],
-    (lrs, lcs): (usize, usize),
-    rhs: &[f32],
-    (rrs, rcs): (usize, usize),
-    beta: f32,
-) {
-    if m == 0 || n == 0 {
-        return;
+/// Tiles of at most this many rows use the dot-product path instead of GEMMs.
+const FEW_ROWS: usize = 2;
+
+/// An additive mask `[b, mh, rows, t]` (`mh` = hq when `per_head`, else 1) whose row
+/// `row0 + i` belongs to query `i` (a suffix of the queries when `row0 > 0`).
+#[derive(Clone, Copy)]
+pub(crate) struct MaskRef<'a> {
+    pub(crate) data: &'a [f32],
+    pub(crate) per_head: bool,
+    pub(crate) rows: usize,
+    pub(crate) row0: usize,
+}
+
+/// One attention problem over borrowed buffers.
+#[derive(Clone, Copy)]
+pub(crate) struct Problem<'a> {
+    pub(crate) dm: Dims,
+    pub(crate) scale: f32,
+    pub(crate) mask: Option<MaskRef<'a>>,
+    pub(crate) q: (&'a [f32], Heads),
+    pub(crate) k: (&'a [f32], Heads),
+    pub(crate) v: (&'a [f32], Heads),
+}
+
+impl Problem<'_> {
+    /// The mask rows `[i0, i0 + rows)` of head `h` in batch `b`, back to back.
+    fn mask_rows(&self, b: usize, h: usize, i0: usize, rows: usize) -> Option<&[f32]> {
+        let Dims { hq, t, .. } = self.dm;
+        self.mask.map(|m| {
+            let (mh, hh) = if m.per_head { (hq, h) } else { (1, 0) };
+            let o = ((b * mh + hh) * m.rows + m.row0 + i0) * t;
+            &m.data[o..o + rows * t]
+        })
     }
-    // Bounds: every index the strides can reach lies inside its slice.
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(dst.len() > last(m, n, n, 1));
-    if k > 0 {
-        assert!(lhs.len() > last(m, k, lrs, lcs) && rhs.len() > last(k, n, rrs, rcs));
+
+    fn kv_head(&self, h: usize) -> usize {
+        h / (self.dm.hq / self.dm.hkv)
     }
-    // SAFETY: the asserts above keep every access in bounds; `dst` does not alias the
-    // inputs (distinct borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            read_dst,
-            lhs.as_ptr(),
-            lcs as isize,
-            lrs as isize,
-            rhs.as_ptr(),
-            rcs as isize,
-            rrs as isize,
-            1.0,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
+
+    /// Softmax probabilities of query rows `[i0, i0 + rows)` of head `h` in batch `b`
+    /// into `p` (`[rows, t]`).
+    fn probs_tile(&self, b: usize, h: usize, i0: usize, rows: usize, p: &mut [f32]) {
+        let Dims { t, d, .. } = self.dm;
+        let ((q, qh), (k, kh)) = (self.q, self.k);
+        let q0 = qh.at(b, h) + i0 * qh.rs;
+        let k0 = kh.at(b, self.kv_head(h));
+        if rows <= FEW_ROWS {
+            for (r, pr) in p.chunks_exact_mut(t.max(1)).take(rows).enumerate() {
+                let qr = &q[q0 + r * qh.rs..q0 + r * qh.rs + d];
+                simd::scores(qr, &k[k0..], kh.rs, self.scale, &mut pr[..t]);
+            }
+        } else {
+            let lhs = Mat {
+                data: &q[q0..],
+                rs: qh.rs,
+                cs: 1,
+            };
+            let rhs = Mat {
+                data: &k[k0..],
+                rs: 1,
+                cs: kh.rs,
+            };
+            mm((rows, t, d), p, t, false, lhs, rhs, self.scale);
+        }
+        simd::masked_softmax_rows(p, t, self.mask_rows(b, h, i0, rows));
+    }
+
+    /// Values of head `h`'s KV head in batch `b`, as rows.
+    fn values(&self, b: usize, h: usize) -> Mat<'_> {
+        let (v, vh) = self.v;
+        Mat {
+            data: &v[vh.at(b, self.kv_head(h))..],
+            rs: vh.rs,
+            cs: 1,
+        }
+    }
+
+    /// `out ← P V` for a tile: `out` starts at the tile's first row, row stride `rs`.
+    fn weighted(&self, b: usize, h: usize, p: &[f32], rows: usize, out: &mut [f32], rs: usize) {
+        let Dims { t, d, .. } = self.dm;
+        let vm = self.values(b, h);
+        if rows <= FEW_ROWS {
+            for r in 0..rows {
+                let pr = &p[r * t..(r + 1) * t];
+                simd::weighted_rows(pr, vm.data, vm.rs, &mut out[r * rs..r * rs + d]);
+            }
+        } else {
+            mm((rows, d, t), out, rs, false, Mat::rows(p, t), vm, 1.0);
+        }
+    }
+
+    /// Writes the attention output into `out` (`b · o.bs` floats, `o.start` = 0).
+    pub(crate) fn forward(&self, out: &mut [f32], o: Heads) {
+        let Dims { b, hq, s, t, d, .. } = self.dm;
+        if b == 0 || s * d == 0 {
+            return;
+        }
+        out.par_chunks_mut(o.bs).take(b).enumerate().for_each_init(
+            || vec![0f32; TILE.min(s) * t],
+            |p, (bi, ob)| {
+                for h in 0..hq {
+                    for i0 in (0..s).step_by(TILE) {
+                        let rows = TILE.min(s - i0);
+                        let pt = &mut p[..rows * t];
+                        self.probs_tile(bi, h, i0, rows, pt);
+                        let at = o.at(0, h) + i0 * o.rs;
+                        self.weighted(bi, h, pt, rows, &mut ob[at..], o.rs);
+                    }
+                }
+            },
         );
+    }
+
+    /// Gradients of the inputs given the output gradient `g`. `dq`, `dk`, `dv` are
+    /// zero-filled buffers of `b · bs` floats (`start` = 0); this adds into them.
+    pub(crate) fn backward(
+        &self,
+        (g, gh): (&[f32], Heads),
+        (dq, dqh): (&mut [f32], Heads),
+        (dk, dkh): (&mut [f32], Heads),
+        (dv, dvh): (&mut [f32], Heads),
+    ) {
+        let Dims { b, hq, s, t, d, .. } = self.dm;
+        if b == 0 || s * d == 0 || t * d == 0 {
+            return;
+        }
+        let (q, qh) = self.q;
+        let (k, kh) = self.k;
+        let tile = TILE.min(s) * t;
+        dq.par_chunks_mut(dqh.bs)
+            .zip(dk.par_chunks_mut(dkh.bs).zip(dv.par_chunks_mut(dvh.bs)))
+            .take(b)
+            .enumerate()
+            .for_each_init(
+                || (vec![0f32; tile], vec![0f32; tile]),
+                |(p, dp), (bi, (dqb, (dkb, dvb)))| {
+                    for h in 0..hq {
+                        let kvh = self.kv_head(h);
+                        let km = Mat {
+                            data: &k[kh.at(bi, kvh)..],
+                            rs: kh.rs,
+                            cs: 1,
+                        };
+                        let vm = self.values(bi, h);
+                        for i0 in (0..s).step_by(TILE) {
+                            let rows = TILE.min(s - i0);
+                            let (p, dp) = (&mut p[..rows * t], &mut dp[..rows * t]);
+                            self.probs_tile(bi, h, i0, rows, p);
+                            let gm = Mat {
+                                data: &g[gh.at(bi, h) + i0 * gh.rs..],
+                                rs: gh.rs,
+                                cs: 1,
+                            };
+                            let qm = Mat {
+                                data: &q[qh.at(bi, h) + i0 * qh.rs..],
+                                rs: qh.rs,
+                                cs: 1,
+                            };
+                            // dP = G Vᵀ; dS = scale · P ∘ (dP − rowsum(P ∘ dP))
+                            let vt = Mat {
+                                data: vm.data,
+                                rs: 1,
+                                cs: vm.rs,
+                            };
+                            mm((rows, t, d), dp, t, false, gm, vt, 1.0);
+                            simd::softmax_bwd_rows(p, dp, t, self.scale);
+                            // dQ = dS K; dK += dSᵀ Q; dV += Pᵀ G
+                            let dq0 = dqh.at(0, h) + i0 * dqh.rs;
+                            mm(
+                                (rows, d, t),
+                                &mut dqb[dq0..],
+                                dqh.rs,
+                                false,
+                                Mat::rows(dp, t),
+                                km,
+                                1.0,
+                            );
+                            let dk0 = dkh.at(0, kvh);
+                            mm(
+                                (t, d, rows),
+                                &mut dkb[dk0..],
+                                dkh.rs,
+                                true,
+                                Mat::t(dp, t),
+                                qm,
+                                1.0,
+                            );
+                            let dv0 = dvh.at(0, kvh);
+                            mm(
+                                (t, d, rows),
+                                &mut dvb[dv0..],
+                                dvh.rs,
+                                true,
+                                Mat::t(p, t),
+                                gm,
+                                1.0,
+                            );
+                        }
+                    }
+                },
+            );
     }
 }
 
 impl Attention {
-    /// Softmax probabilities of the query rows `q` (`[rows, d]`, starting at query row `i0`
-    /// of head `h`) against keys `k` (`[t, d]`) into `p` (`[rows, t]`): one GEMM for the
-    /// scores, then the mask and an exact stable softmax per row. A masked key's score is
-    /// set to the mask value itself (see the module docs: identical to adding it).
-    fn probs_tile(
-        &self,
-        q: &[f32],
-        k: &[f32],
+    fn problem<'a>(
+        &'a self,
         dm: Dims,
-        (bi, h, i0): (usize, usize, usize),
-        p: &mut [f32],
-    ) {
-        let (t, d) = (dm.t, dm.d);
-        let rows = q.len() / d.max(1);
-        mm((rows, t, d), p, false, q, (d, 1), k, (1, d), self.scale);
-        for (r, pr) in p.chunks_exact_mut(t).enumerate() {
-            if let Some(mask) = self.mask_row(dm, bi, h, i0 + r) {
-                for (pj, &m) in pr.iter_mut().zip(mask) {
-                    *pj = if m == f32::MIN || m == f32::NEG_INFINITY {
-                        m
-                    } else {
-                        *pj + m
-                    };
-                }
-            }
-            let mx = pr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut z = 0f32;
-            for pj in pr.iter_mut() {
-                *pj = (*pj - mx).exp();
-                z += *pj;
-            }
-            let inv = 1.0 / z;
-            pr.iter_mut().for_each(|pj| *pj *= inv);
+        q: &'a [f32],
+        k: (&'a [f32], Heads),
+        v: (&'a [f32], Heads),
+    ) -> Problem<'a> {
+        Problem {
+            dm,
+            scale: self.scale,
+            mask: self.mask.as_ref().map(|m| MaskRef {
+                data: &m.data,
+                per_head: m.per_head,
+                rows: dm.s,
+                row0: 0,
+            }),
+            q: (q, Heads::head_major(dm.hq, dm.s, dm.d)),
+            k,
+            v,
         }
+    }
+}
+
+/// The f32 data and head layout of a key/value operand.
+fn kv_operand<'a>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [f32], Heads)> {
+    let CpuStorage::F32(data) = s else {
+        bail!(
+            "attention: fused kernel needs f32 input, got {:?}",
+            s.dtype()
+        )
+    };
+    match Heads::from_layout(l) {
+        Some(h) => Ok((data, h)),
+        None => bail!("attention: keys/values need a contiguous last dim"),
     }
 }
 
@@ -239,29 +396,9 @@ impl CustomOp3 for Attention {
     ) -> Result<(CpuStorage, Shape)> {
         let dm = Dims::new(l1.dims(), l2.dims(), l3.dims())?;
         let q = slice(s1, l1, "attention")?;
-        let (k, v) = (HeadBlocks::new(s2, l2)?, HeadBlocks::new(s3, l3)?);
-        let Dims {
-            hq, hkv, s, t, d, ..
-        } = dm;
-        let n_rep = hq / hkv;
+        let p = self.problem(dm, q, kv_operand(s2, l2)?, kv_operand(s3, l3)?);
         let mut out = vec![0f32; q.len()];
-        if s * d > 0 {
-            out.par_chunks_mut(s * d).enumerate().for_each_init(
-                || vec![0f32; TILE.min(s) * t],
-                |p, (bh, o)| {
-                    let (bi, h) = (bh / hq, bh % hq);
-                    let (kh, vh) = (k.block(bi, h / n_rep), v.block(bi, h / n_rep));
-                    for i0 in (0..s).step_by(TILE) {
-                        let rows = TILE.min(s - i0);
-                        let qt = &q[(bh * s + i0) * d..(bh * s + i0 + rows) * d];
-                        let pt = &mut p[..rows * t];
-                        self.probs_tile(qt, kh, dm, (bi, h, i0), pt);
-                        let ot = &mut o[i0 * d..(i0 + rows) * d];
-                        mm((rows, d, t), ot, false, pt, (t, 1), vh, (d, 1), 1.0);
-                    }
-                },
-            );
-        }
+        p.forward(&mut out, Heads::head_major(dm.hq, dm.s, dm.d));
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -274,10 +411,10 @@ impl CustomOp3 for Attention {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dm = Dims::new(q.dims(), k.dims(), v.dims())?;
-        let Dims {
-            hq, hkv, s, t, d, ..
-        } = dm;
-        let n_rep = hq / hkv;
+        let (hq_l, hkv_l) = (
+            Heads::head_major(dm.hq, dm.s, dm.d),
+            Heads::head_major(dm.hkv, dm.t, dm.d),
+        );
         let (dq, dk, dv) = with_f32(q, "attention", |q| {
             with_f32(k, "attention", |k| {
                 with_f32(v, "attention", |v| {
@@ -285,89 +422,13 @@ impl CustomOp3 for Attention {
                         let mut dq = vec![0f32; q.len()];
                         let mut dk = vec![0f32; k.len()];
                         let mut dv = vec![0f32; v.len()];
-                        if s * d > 0 && t * d > 0 {
-                            let tile = TILE.min(s) * t;
-                            dq.par_chunks_mut(n_rep * s * d)
-                                .zip(dk.par_chunks_mut(t * d).zip(dv.par_chunks_mut(t * d)))
-                                .enumerate()
-                                .for_each_init(
-                                    || (vec![0f32; tile], vec![0f32; tile]),
-                                    |(p, dp), (grp, (dqg, (dkg, dvg)))| {
-                                        let (bi, kvh) = (grp / hkv, grp % hkv);
-                                        let kvo = grp * t * d;
-                                        let (kh, vh) = (&k[kvo..kvo + t * d], &v[kvo..kvo + t * d]);
-                                        for r in 0..n_rep {
-                                            let h = kvh * n_rep + r;
-                                            let bh = bi * hq + h;
-                                            for i0 in (0..s).step_by(TILE) {
-                                                let rows = TILE.min(s - i0);
-                                                let span =
-                                                    (bh * s + i0) * d..(bh * s + i0 + rows) * d;
-                                                let (qt, gt) = (&q[span.clone()], &g[span]);
-                                                let (p, dp) =
-                                                    (&mut p[..rows * t], &mut dp[..rows * t]);
-                                                self.probs_tile(qt, kh, dm, (bi, h, i0), p);
-                                                // dP = G Vᵀ; dS = P ∘ (dP − rowsum(P ∘ dP)) · scale
-                                                mm(
-                                                    (rows, t, d),
-                                                    dp,
-                                                    false,
-                                                    gt,
-                                                    (d, 1),
-                                                    vh,
-                                                    (1, d),
-                                                    1.0,
-                                                );
-                                                for (pr, dr) in
-                                                    p.chunks_exact(t).zip(dp.chunks_exact_mut(t))
-                                                {
-                                                    let big_d: f32 = pr
-                                                        .iter()
-                                                        .zip(dr.iter())
-                                                        .map(|(a, b)| a * b)
-                                                        .sum();
-                                                    for (x, &pj) in dr.iter_mut().zip(pr) {
-                                                        *x = pj * (*x - big_d) * self.scale;
-                                                    }
-                                                }
-                                                let dqt = &mut dqg
-                                                    [(r * s + i0) * d..(r * s + i0 + rows) * d];
-                                                // dQ = dS K; dK += dSᵀ Q; dV += Pᵀ G
-                                                mm(
-                                                    (rows, d, t),
-                                                    dqt,
-                                                    false,
-                                                    dp,
-                                                    (t, 1),
-                                                    kh,
-                                                    (d, 1),
-                                                    1.0,
-                                                );
-                                                mm(
-                                                    (t, d, rows),
-                                                    dkg,
-                                                    true,
-                                                    dp,
-                                                    (1, t),
-                                                    qt,
-                                                    (d, 1),
-                                                    1.0,
-                                                );
-                                                mm(
-                                                    (t, d, rows),
-                                                    dvg,
-                                                    true,
-                                                    p,
-                                                    (1, t),
-                                                    gt,
-                                                    (d, 1),
-                                                    1.0,
-                                                );
-                                            }
-                                        }
-                                    },
-                                );
-                        }
+                        let p = self.problem(dm, q, (k, hkv_l), (v, hkv_l));
+                        p.backward(
+                            (g, hq_l),
+                            (&mut dq, hq_l),
+                            (&mut dk, hkv_l),
+                            (&mut dv, hkv_l),
+                        );
                         (dq, dk, dv)
                     })
                 })

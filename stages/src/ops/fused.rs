@@ -18,6 +18,8 @@ use candle_core::{
     bail,
 };
 
+use super::simd::{self, dot, dot3, simd_fn};
+
 /// The contiguous f32 slice behind a CPU storage and layout, or an error naming `op`.
 pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
@@ -91,12 +93,7 @@ impl CustomOp2 for RmsNorm {
             );
         }
         let mut y = vec![0f32; x.len()];
-        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-            let inv = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
-            for ((o, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
-                *o = xv * inv * wv;
-            }
-        }
+        rms_norm_rows(x, w, self.eps, &mut y);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -113,24 +110,7 @@ impl CustomOp2 for RmsNorm {
                 with_f32(g, "rms_norm", |g| {
                     let mut dx = vec![0f32; x.len()];
                     let mut dw = vec![0f32; d];
-                    for ((xr, gr), dxr) in x
-                        .chunks_exact(d)
-                        .zip(g.chunks_exact(d))
-                        .zip(dx.chunks_exact_mut(d))
-                    {
-                        let inv = 1.0
-                            / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + self.eps).sqrt();
-                        // y = x·inv·w ⇒ dx = inv·(g·w) − x·inv³/d · Σ(g·w·x).
-                        let mut dot = 0f32;
-                        for j in 0..d {
-                            dot += gr[j] * w[j] * xr[j];
-                            dw[j] += gr[j] * xr[j] * inv;
-                        }
-                        let c = inv * inv * inv * dot / d as f32;
-                        for j in 0..d {
-                            dxr[j] = inv * gr[j] * w[j] - c * xr[j];
-                        }
-                    }
+                    rms_norm_bwd_rows(x, w, self.eps, g, &mut dx, false, Some(&mut dw));
                     (dx, dw)
                 })
             })
@@ -139,6 +119,56 @@ impl CustomOp2 for RmsNorm {
             grad_for(x, || tensor(dx, x.shape()))?,
             grad_for(w, || tensor(dw, w.shape()))?,
         ))
+    }
+}
+
+simd_fn! {
+    /// RMSNorm of the rows of `x` (width `w.len()`) into `y`.
+    pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+        let d = w.len();
+        if d == 0 {
+            return;
+        }
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let inv = 1.0 / (dot::<L>(xr, xr) / d as f32 + eps).sqrt();
+            for ((o, &xv), &wv) in yr.iter_mut().zip(xr).zip(w) {
+                *o = xv * inv * wv;
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// RMSNorm backward: writes (or with `acc` adds) `∂L/∂x` into `dx` and adds `∂L/∂w`
+    /// into `dw` when given. `y = x·inv·w` ⇒ `dx = inv·(g·w) − x·inv³/d · Σ(g·w·x)`.
+    pub(crate) fn rms_norm_bwd_rows(
+        x: &[f32],
+        w: &[f32],
+        eps: f32,
+        g: &[f32],
+        dx: &mut [f32],
+        acc: bool,
+        dw: Option<&mut [f32]>,
+    ) {
+        let d = w.len();
+        if d == 0 {
+            return;
+        }
+        let mut dw = dw;
+        for ((xr, gr), dxr) in x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+            let inv = 1.0 / (dot::<L>(xr, xr) / d as f32 + eps).sqrt();
+            let gw_x = dot3::<L>(gr, w, xr);
+            if let Some(dw) = dw.as_deref_mut() {
+                for ((o, &gv), &xv) in dw.iter_mut().zip(gr).zip(xr) {
+                    *o += gv * xv * inv;
+                }
+            }
+            let c = inv * inv * inv * gw_x / d as f32;
+            for (((o, &gv), &wv), &xv) in dxr.iter_mut().zip(gr).zip(w).zip(xr) {
+                let v = inv * gv * wv - c * xv;
+                *o = if acc { *o + v } else { v };
+            }
+        }
     }
 }
 
@@ -154,10 +184,10 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "softmax")?;
         let d = *l.dims().last().unwrap_or(&1);
-        let mut y = vec![0f32; x.len()];
+        let mut y = x.to_vec();
         if d > 0 {
-            for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-                softmax_row(xr, yr);
+            for yr in y.chunks_exact_mut(d) {
+                simd::softmax_inplace(yr);
             }
         }
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -173,29 +203,13 @@ impl CustomOp1 for Softmax {
                     .zip(g.chunks_exact(d))
                     .zip(dx.chunks_exact_mut(d))
                 {
-                    // dx = y·(g − Σ g·y)
-                    let dot: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
-                    for j in 0..d {
-                        o[j] = yr[j] * (gr[j] - dot);
-                    }
+                    simd::softmax_bwd(yr, gr, o);
                 }
                 dx
             })
         })??;
         Ok(Some(tensor(dx, y.shape())?))
     }
-}
-
-/// Stable softmax of one row into `out`.
-pub(crate) fn softmax_row(x: &[f32], out: &mut [f32]) {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut z = 0f32;
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v - m).exp();
-        z += *o;
-    }
-    let r = 1.0 / z;
-    out.iter_mut().for_each(|o| *o *= r);
 }
 
 // ---------------------------------------------------------------- RoPE
@@ -422,21 +436,17 @@ impl CustomOp1 for Silu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "silu")?;
-        let y = x.iter().map(|&v| v / (1.0 + (-v).exp())).collect();
+        let mut y = vec![0f32; x.len()];
+        simd::silu(x, &mut y);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let dx = with_f32(x, "silu", |x| {
             with_f32(g, "silu", |g| {
-                // d/dx x σ(x) = σ(x) (1 + x (1 − σ(x)))
-                x.iter()
-                    .zip(g)
-                    .map(|(&v, &gv)| {
-                        let s = 1.0 / (1.0 + (-v).exp());
-                        gv * s * (1.0 + v * (1.0 - s))
-                    })
-                    .collect::<Vec<f32>>()
+                let mut dx = vec![0f32; x.len()];
+                simd::silu_bwd(x, g, &mut dx);
+                dx
             })
         })??;
         grad_for(x, || tensor(dx, x.shape()))
@@ -465,11 +475,8 @@ impl CustomOp2 for SwiGlu {
             bail!("swiglu: gate {:?} and up {:?} differ", l1.dims(), l2.dims());
         }
         // Same expression as `silu` then a multiply: identical values.
-        let y = g
-            .iter()
-            .zip(u)
-            .map(|(&v, &w)| v / (1.0 + (-v).exp()) * w)
-            .collect();
+        let mut y = vec![0f32; g.len()];
+        simd::swiglu(g, u, &mut y);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -484,13 +491,7 @@ impl CustomOp2 for SwiGlu {
             with_f32(u, "swiglu", |u| {
                 with_f32(gy, "swiglu", |gy| {
                     let (mut dg, mut du) = (vec![0f32; g.len()], vec![0f32; g.len()]);
-                    for i in 0..g.len() {
-                        let (v, w, gv) = (g[i], u[i], gy[i]);
-                        let s = 1.0 / (1.0 + (-v).exp());
-                        // d/dv v σ(v) = σ(v) (1 + v (1 − σ(v)))
-                        dg[i] = gv * w * s * (1.0 + v * (1.0 - s));
-                        du[i] = gv * v * s;
-                    }
+                    simd::swiglu_bwd(g, u, gy, &mut dg, &mut du);
                     (dg, du)
                 })
             })
@@ -516,11 +517,7 @@ impl CustomOp1 for LogSoftmax {
         let mut y = vec![0f32; x.len()];
         if d > 0 {
             for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-                let m = xr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = m + xr.iter().map(|&v| (v - m).exp()).sum::<f32>().ln();
-                for (o, &v) in yr.iter_mut().zip(xr) {
-                    *o = v - lse;
-                }
+                simd::log_softmax(xr, yr);
             }
         }
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -536,14 +533,38 @@ impl CustomOp1 for LogSoftmax {
                     .zip(g.chunks_exact(d))
                     .zip(dx.chunks_exact_mut(d))
                 {
-                    let sg: f32 = gr.iter().sum();
-                    for j in 0..d {
-                        o[j] = gr[j] - yr[j].exp() * sg;
-                    }
+                    simd::log_softmax_bwd(yr, gr, o);
                 }
                 dx
             })
         })??;
         grad_for(x, || tensor(dx, y.shape()))
+    }
+}
+
+/// CLIP's quick-GELU `x σ(1.702 x)`, vectorized, with a one-pass backward (candle's
+/// composed version is three graph nodes: a scale, a sigmoid and a product).
+pub(crate) struct QuickGelu;
+
+impl CustomOp1 for QuickGelu {
+    fn name(&self) -> &'static str {
+        "fused-quick-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut y = slice(s, l, "quick_gelu")?.to_vec();
+        simd::quick_gelu(&mut y, None);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let dx = with_f32(x, "quick_gelu", |x| {
+            with_f32(g, "quick_gelu", |g| {
+                let mut dx = vec![0f32; x.len()];
+                simd::quick_gelu_bwd(x, g, &mut dx);
+                dx
+            })
+        })??;
+        grad_for(x, || tensor(dx, x.shape()))
     }
 }

@@ -4,39 +4,17 @@
 //! the weight is a plain (frozen) tensor, so a LoRA step pays the full `dW` GEMM of every
 //! base projection and then throws it away. These ops capture the frozen `W` (and bias)
 //! inside the op and differentiate only with respect to the tracked inputs: `x` for a
-//! frozen linear; `x`, `A`, `B` for LoRA. The GEMMs themselves are candle's (gemm crate);
-//! only the graph is custom.
+//! frozen linear; `x`, `A`, `B` for LoRA. The products are module `gemm`'s, written
+//! straight into the output (the bias is its initial value), so a layer makes one pass over
+//! its output.
 //!
 //! Shapes: `x: [.., in]`, `W: [out, in]`, `b: [out]`, `A: [r, in]`, `B: [out, r]`;
 //! `y = x Wᵀ + b + scale · (x Aᵀ) Bᵀ`.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, D, Device, Layout, Result, Shape, Storage, Tensor, bail,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
-use super::fused::{grad_for, slice};
-
-fn cpu_tensor(s: &CpuStorage, l: &Layout, op: &str) -> Result<Tensor> {
-    Tensor::from_slice(slice(s, l, op)?, l.shape().clone(), &Device::Cpu)
-}
-
-fn into_cpu(t: Tensor, op: &str) -> Result<(CpuStorage, Shape)> {
-    let t = t.contiguous()?;
-    let (st, l) = t.storage_and_layout();
-    let Storage::Cpu(cs) = &*st else {
-        bail!("{op}: expected a CPU result")
-    };
-    Ok((
-        CpuStorage::F32(slice(cs, l, op)?.to_vec()),
-        l.shape().clone(),
-    ))
-}
-
-/// `x` as a 2-D `[N, in]` matrix (a view when `x` is contiguous).
-fn rows(x: &Tensor) -> Result<Tensor> {
-    let k = x.dim(D::Minus1)?;
-    x.contiguous()?.reshape(((), k))
-}
+use super::fused::{grad_for, slice, tensor, with_f32};
+use super::gemm::{self, Lora};
 
 /// Output shape: `x`'s with the last dim replaced by `out`.
 fn out_shape(x: &[usize], out: usize) -> Vec<usize> {
@@ -47,17 +25,29 @@ fn out_shape(x: &[usize], out: usize) -> Vec<usize> {
     s
 }
 
-/// Rows up to which [`linear2d`] computes `(W xᵀ)ᵀ` instead of `x Wᵀ`.
-const SMALL_M: usize = 64;
+/// `(rows, out)` of `x · Wᵀ` for `x` of `dims`, checking the inner sizes agree.
+fn sizes(dims: &[usize], w: &Tensor, op: &str) -> Result<(usize, usize)> {
+    let (out, inp) = w.dims2()?;
+    if dims.last() != Some(&inp) {
+        bail!("{op}: input {dims:?} does not end in the weight's {inp} columns");
+    }
+    Ok((dims.iter().rev().skip(1).product(), out))
+}
 
-/// `x Wᵀ + b` for 2-D `x`, with `W`, `b` plain tensors.
-///
-/// For few rows (decoding: one per sequence) the gemm crate is ~2.5x faster on
-/// `W · xᵀ` (contiguous `W` as the left operand) than on `x · Wᵀ` with a transposed-view
-/// right operand, which it repacks on every call (measured: 16×256 by 688×256, 0.29 vs
-/// 0.85 ms). The transposed result is made contiguous; that copy is `M × out`, tiny.
+/// `[rows, out]` initialized to the bias rows (zeros without a bias), and whether a bias
+/// was written (the product must then be added).
+fn bias_rows(b: Option<&Tensor>, rows: usize, out: usize) -> Result<(Vec<f32>, bool)> {
+    match b {
+        None => Ok((vec![0f32; rows * out], false)),
+        Some(b) => with_f32(b, "linear", |b| (b.repeat(rows), true)),
+    }
+}
+
+/// `x Wᵀ + b` for 2-D `x` through candle's matmul, for a weight that needs its own
+/// gradient (full fine-tuning). For few rows it computes `(W xᵀ)ᵀ`, ~2x faster in gemm
+/// (see `gemm::xwt`).
 pub(crate) fn linear2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = if x.dim(0)? <= SMALL_M {
+    let y = if x.dim(0)? <= 64 {
         w.matmul(&x.t()?)?.t()?.contiguous()?
     } else {
         x.matmul(&w.t()?)?
@@ -79,14 +69,25 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_tensor(s, l, "linear")?;
-        let y = linear2d(&rows(&x)?, &self.w, self.b.as_ref())?;
-        let (st, _) = into_cpu(y, "linear")?;
-        Ok((st, Shape::from(out_shape(l.dims(), self.w.dim(0)?))))
+        let x = slice(s, l, "linear")?;
+        let (rows, out) = sizes(l.dims(), &self.w, "linear")?;
+        let (mut y, acc) = bias_rows(self.b.as_ref(), rows, out)?;
+        with_f32(&self.w, "linear", |w| {
+            gemm::xwt(x, rows, w, out, &mut y, acc)
+        })?;
+        Ok((CpuStorage::F32(y), Shape::from(out_shape(l.dims(), out))))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(rows(g)?.matmul(&self.w)?.reshape(x.shape())?))
+        let (rows, out) = sizes(x.dims(), &self.w, "linear")?;
+        let dx = with_f32(g, "linear", |g| {
+            with_f32(&self.w, "linear", |w| {
+                let mut dx = vec![0f32; x.elem_count()];
+                gemm::xw(g, rows, w, out, &mut dx, false);
+                dx
+            })
+        })??;
+        Ok(Some(tensor(dx, x.shape())?))
     }
 }
 
@@ -96,24 +97,14 @@ pub(crate) struct LoraLinear {
     pub(crate) scale: f64,
 }
 
-/// Whether `x (W + s·B A)ᵀ` beats `x Wᵀ + s·(x Aᵀ) Bᵀ` for `rows` rows of `x`: merging
-/// costs one `[out, r] × [r, in]` product and an `out × in` add; the split form pays two
-/// skinny rank-`r` GEMMs (poorly vectorized at r = 8) and an add over the `rows × out`
-/// output, i.e. it loses once `rows · (in + out) > in · out` (187 rows for 256 × 688).
-/// Decoding (a few rows) keeps the split form; training batches merge.
-fn merge_pays(rows: usize, w: &Tensor) -> bool {
-    let (out, inp) = match w.dims() {
-        [o, i] => (*o, *i),
-        _ => return false,
-    };
-    rows * (inp + out) >= 2 * inp * out
-}
-
 impl LoraLinear {
-    /// `W + scale · B A` (`[out, in]`), a constant: gradients of `A`, `B` come from `bwd`.
-    fn merged(&self, a: &Tensor, bm: &Tensor) -> Result<Tensor> {
-        let ba = (bm.detach().matmul(&a.detach())? * self.scale)?;
-        self.w.add(&ba)
+    fn lora<'a>(&self, a: &'a [f32], b: &'a [f32], out: usize) -> Lora<'a> {
+        Lora {
+            a,
+            b,
+            r: if out == 0 { 0 } else { b.len() / out },
+            scale: self.scale as f32,
+        }
     }
 }
 
@@ -131,20 +122,28 @@ impl CustomOp3 for LoraLinear {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = rows(&cpu_tensor(s1, l1, "lora_linear")?)?;
-        let (a, bm) = (
-            cpu_tensor(s2, l2, "lora_linear")?,
-            cpu_tensor(s3, l3, "lora_linear")?,
-        );
-        let y = if merge_pays(x.dim(0)?, &self.w) {
-            linear2d(&x, &self.merged(&a, &bm)?, self.b.as_ref())?
-        } else {
-            // Scale the rank-r intermediate, not the [N, out] output: r ≪ out.
-            let low = linear2d(&(linear2d(&x, &a, None)? * self.scale)?, &bm, None)?;
-            (linear2d(&x, &self.w, self.b.as_ref())? + low)?
-        };
-        let (st, _) = into_cpu(y, "lora_linear")?;
-        Ok((st, Shape::from(out_shape(l1.dims(), self.w.dim(0)?))))
+        let x = slice(s1, l1, "lora_linear")?;
+        let (a, bm) = (slice(s2, l2, "lora_linear")?, slice(s3, l3, "lora_linear")?);
+        let (rows, out) = sizes(l1.dims(), &self.w, "lora_linear")?;
+        let inp = l1.dims().last().copied().unwrap_or(0);
+        let lora = self.lora(a, bm, out);
+        let (mut y, acc) = bias_rows(self.b.as_ref(), rows, out)?;
+        with_f32(&self.w, "lora_linear", |w| {
+            if gemm::merge_pays(rows, out, inp) {
+                gemm::xwt(
+                    x,
+                    rows,
+                    &gemm::merged(w, out, std::slice::from_ref(&lora)),
+                    out,
+                    &mut y,
+                    acc,
+                );
+            } else {
+                gemm::xwt(x, rows, w, out, &mut y, acc);
+                gemm::lora_add(x, rows, out, &lora, &mut y);
+            }
+        })?;
+        Ok((CpuStorage::F32(y), Shape::from(out_shape(l1.dims(), out))))
     }
 
     fn bwd(
@@ -155,21 +154,45 @@ impl CustomOp3 for LoraLinear {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x2, g2) = (rows(x)?, rows(g)?);
-        let gb = (g2.matmul(bm)? * self.scale)?; // [N, r]
-        // The layer input is a constant for the first layers of a LoRA model: skip its GEMM.
-        let dx = grad_for(x, || {
-            if merge_pays(g2.dim(0)?, &self.w) {
-                g2.matmul(&self.merged(a, bm)?)?.reshape(x.shape())
-            } else {
-                (g2.matmul(&self.w)? + gb.matmul(a)?)?.reshape(x.shape())
-            }
-        })?;
-        let da = grad_for(a, || gb.t()?.matmul(&x2))?; // [r, in]
-        let db = grad_for(bm, || {
-            let xa = (x2.matmul(&a.t()?)? * self.scale)?; // [N, r]
-            g2.t()?.matmul(&xa) // [out, r]
-        })?;
-        Ok((dx, da, db))
+        let (rows, out) = sizes(x.dims(), &self.w, "lora_linear")?;
+        let inp = x.dims().last().copied().unwrap_or(0);
+        let (dx, da, db) = with_f32(x, "lora_linear", |xs| {
+            with_f32(a, "lora_linear", |av| {
+                with_f32(bm, "lora_linear", |bv| {
+                    with_f32(g, "lora_linear", |gs| {
+                        with_f32(&self.w, "lora_linear", |w| {
+                            let lora = self.lora(av, bv, out);
+                            // The layer input is a constant for the first layers of a LoRA
+                            // model: skip its GEMMs.
+                            let dx = x.track_op().then(|| {
+                                let mut dx = vec![0f32; xs.len()];
+                                if gemm::merge_pays(rows, out, inp) {
+                                    gemm::xw(
+                                        gs,
+                                        rows,
+                                        &gemm::merged(w, out, std::slice::from_ref(&lora)),
+                                        out,
+                                        &mut dx,
+                                        false,
+                                    );
+                                } else {
+                                    gemm::xw(gs, rows, w, out, &mut dx, false);
+                                    gemm::lora_dx(gs, rows, out, &lora, &mut dx);
+                                }
+                                dx
+                            });
+                            let (mut da, mut db) = (vec![0f32; av.len()], vec![0f32; bv.len()]);
+                            gemm::lora_grads(xs, gs, rows, out, &lora, &mut da, &mut db);
+                            (dx, da, db)
+                        })
+                    })
+                })
+            })
+        })?????;
+        Ok((
+            dx.map(|dx| tensor(dx, x.shape())).transpose()?,
+            grad_for(a, || tensor(da, a.shape()))?,
+            grad_for(bm, || tensor(db, bm.shape()))?,
+        ))
     }
 }

@@ -9,12 +9,13 @@
 //! everywhere else. Signatures never change between the two, so model code is oblivious.
 //!
 //! Fused kernels (CPU, f32): [`rms_norm`], [`layer_norm`], [`softmax_last_dim`],
-//! [`log_softmax_last_dim`], [`silu`], [`swiglu`], [`rope`]
-//! (module `fused`),
+//! [`log_softmax_last_dim`], [`silu`], [`swiglu`], [`quick_gelu`], [`rope`]
+//! (module `fused`; exp and the row loops vectorized at run time by module `simd`),
 //! [`attention`] (module `attention`: flash-style, GQA, additive mask), and [`linear`] /
 //! [`lora_linear`] with a frozen base weight (module `lora`: skips the weight-gradient GEMM
-//! candle would otherwise compute and discard). GELU variants use candle's elementwise
-//! ops, which already have a backward.
+//! candle would otherwise compute and discard), with the GEMMs of module `gemm`. Exact GELU
+//! uses candle's elementwise op, which already has a backward. Module `decoder` runs a whole
+//! LLaMA decoder layer as one computation (see there); the model calls it directly.
 //!
 //! The CPU kernels are also the reference semantics of the custom CUDA kernels (module
 //! `cuda`, `stages/kernels/`): with the `cuda-candle` feature, [`attention`] and
@@ -26,9 +27,12 @@ use candle_core::{D, Result, Tensor};
 mod attention;
 #[cfg(any(feature = "cuda", feature = "cuda-candle"))]
 pub mod cuda;
+pub(crate) mod decoder;
 mod fused;
+mod gemm;
 mod lora;
 pub mod reference;
+mod simd;
 
 use fused::eligible;
 
@@ -113,10 +117,10 @@ pub fn attention(
     reference::attention(q, k, v, mask, scale)
 }
 
-/// `x` itself when each (batch, head) `[t, d]` block is already contiguous (a KV-cache
-/// prefix view), else a contiguous copy.
+/// `x` itself when each row of `d` values is contiguous (a KV-cache prefix view, a
+/// transposed linear output), else a contiguous copy.
 fn head_blocks(x: &Tensor) -> Result<Tensor> {
-    if attention::blocks_contiguous(x.layout()) {
+    if attention::Heads::from_layout(x.layout()).is_some() {
         Ok(x.clone())
     } else {
         x.contiguous()
@@ -125,6 +129,9 @@ fn head_blocks(x: &Tensor) -> Result<Tensor> {
 
 /// CLIP's `x · σ(1.702 x)`.
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if eligible(&[x]) {
+        return x.contiguous()?.apply_op1(fused::QuickGelu);
+    }
     reference::quick_gelu(x)
 }
 
@@ -220,6 +227,8 @@ fn as_rows(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tens
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
+#[cfg(test)]
+mod tests_decoder;
 #[cfg(test)]
 mod tests_fused;

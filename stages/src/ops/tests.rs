@@ -4,7 +4,7 @@ use candle_core::{D, DType, Device, Tensor, Var};
 
 use super::*;
 
-pub(super) fn randn(shape: &[usize], seed: u64) -> Tensor {
+pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
     // Deterministic pseudo-random values without depending on candle's RNG.
     let n: usize = shape.iter().product();
     let mut s = seed
@@ -19,6 +19,20 @@ pub(super) fn randn(shape: &[usize], seed: u64) -> Tensor {
         })
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// `max |got − want| / max |want|`.
+pub(crate) fn max_rel(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let m = |t: Tensor| {
+        t.flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    m((got - want).unwrap().abs().unwrap()) / m(want.abs().unwrap()).max(1e-6)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

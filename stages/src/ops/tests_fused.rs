@@ -110,6 +110,17 @@ fn fused_silu_and_log_softmax_match_reference() {
 }
 
 #[test]
+fn fused_quick_gelu_matches_reference() {
+    let x = (randn(&[3, 5, 37], 35) * 4.0).unwrap();
+    check(
+        "quick_gelu",
+        &[x],
+        |t| quick_gelu(&t[0]).unwrap(),
+        |t| reference::quick_gelu(&t[0]).unwrap(),
+    );
+}
+
+#[test]
 fn fused_softmax_matches_reference() {
     let x = (randn(&[4, 5, 33], 3) * 6.0).unwrap();
     check(
