@@ -13,9 +13,21 @@ temporary directory, and times:
                 (`pipeline run`, `dvc repro`, `snakemake --cores 1`);
 * plan       -- what would run (`pipeline plan`, `dvc status`, `snakemake -n`).
 
-Wall times are medians; for `pipeline` the median CPU time (user + system, of the process
-and its children) is printed too, because on a shared machine the wall time also counts
-the wait for a free core. Ratios are of wall times.
+The no-op rerun and the all-hit plan are then measured once more with `pipeline` and
+Snakemake alternating, run for run (`--interleaved-rounds`), since the load of a shared
+machine moves within minutes and each tool's block of runs above sees another load: the
+ratios of that second table are the fair ones.
+
+Wall times are medians; the median CPU time (user + system, of the process and its
+children) is printed too, for `pipeline` and Snakemake, because on a shared machine the
+wall time also counts the wait for a free core. Ratios are of wall times, and for Snakemake
+also of CPU times (`cpu ratio`), which the load moves much less.
+
+`pipeline`'s first command stores the resolved recipe in its cache (`<cache>/v1/recipes/`),
+and the medians come after one warm-up run, so every measured `pipeline` command uses it:
+`plan (cold)` is cold for the stage entries, not for the recipe. `--no-recipe-cache` empties
+that store before every `pipeline` command, to time full recipe loads (and their store
+writes) instead.
 
 Shapes: chain (s0 -> s1 -> ...), fan (one root, N-2 children, one join), layered (about
 sqrt(N) layers, each stage reading two stages of the layer above) -- the shapes of the
@@ -132,7 +144,13 @@ def children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+# Set by --no-recipe-cache: the resolved-recipe store to empty before each `pipeline` command.
+CLEAR_BEFORE: list[Path] = []
+
+
 def timed(cmd: list[str], cwd: Path, env: dict | None = None) -> float:
+    for d in CLEAR_BEFORE:
+        shutil.rmtree(d, ignore_errors=True)
     c = children_cpu()
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -157,6 +175,19 @@ def median_of(reps: int, cmd: list[str], cwd: Path, env: dict | None = None,
     return statistics.median(walls)
 
 
+def interleaved(specs: dict, rounds: int) -> dict:
+    """Run the commands of `specs` (name -> (cmd, cwd)) round-robin, one warm-up each and then
+    `rounds` rounds of one run each, so that all of them see the same minutes of a load that
+    changes. Returns name -> (median wall, median CPU)."""
+    for cmd, cwd in specs.values():
+        timed(cmd, cwd)
+    got: dict = {k: [] for k in specs}
+    for _ in range(rounds):
+        for k, (cmd, cwd) in specs.items():
+            got[k].append((timed(cmd, cwd), LAST_CPU[0]))
+    return {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in got.items()}
+
+
 def prepare(root: Path, tool: str) -> Path:
     d = root / tool
     (d / "out").mkdir(parents=True)
@@ -175,9 +206,10 @@ def spawn_baseline(root: Path, deps: list[list[int]]) -> float:
     return time.perf_counter() - t
 
 
-def bench_ours(exe: str, root: Path, deps, reps: int, full: bool) -> dict:
+def bench_ours(exe: str, root: Path, deps, reps: int, full: bool, no_memo: bool = False) -> dict:
     d = prepare(root, "pipeline")
     recipe = write_ours(d, deps)
+    CLEAR_BEFORE[:] = [d / ".pipeline" / "v1" / "recipes"] if no_memo else []
     base = [exe, "--cache-dir", str(d / ".pipeline"), "--runs-dir", str(d / "runs"), "-q", "--no-progress"]
     res: dict = {}
     cpu: dict = {}
@@ -193,6 +225,7 @@ def bench_ours(exe: str, root: Path, deps, reps: int, full: bool) -> dict:
         res["plan"] = median_of(reps, base + ["plan", str(recipe)], d, cpu=c)
         cpu["plan"] = c[-1]
     res["cpu"] = cpu
+    CLEAR_BEFORE.clear()
     return res
 
 
@@ -226,14 +259,21 @@ def bench_snakemake(exe: str, root: Path, deps, reps: int, full: bool) -> dict:
     d = prepare(root, "snakemake")
     write_snakefile(d, deps)
     base = [exe, "--cores", "1", "--quiet"]
-    res = {"plan-cold": median_of(reps, base + ["-n"], d)}
+    cpu: dict = {}
+    c: list[float] = []
+    res = {"plan-cold": median_of(reps, base + ["-n"], d, cpu=c)}
+    cpu["plan-cold"] = c[-1]
     if full:
         res["full"] = timed(base, d)
+        cpu["full"] = LAST_CPU[0]
     else:
         run_commands_directly(d, deps)
         subprocess.run(base + ["--touch"], cwd=d, check=True, stdout=subprocess.DEVNULL)
-    res["noop"] = median_of(reps, base, d)
-    res["plan"] = median_of(reps, base + ["-n"], d)
+    res["noop"] = median_of(reps, base, d, cpu=c)
+    cpu["noop"] = c[-1]
+    res["plan"] = median_of(reps, base + ["-n"], d, cpu=c)
+    cpu["plan"] = c[-1]
+    res["cpu"] = cpu
     return res
 
 
@@ -270,6 +310,12 @@ def main() -> int:
                          "`snakemake --touch`")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of no-op and plan (median)")
     ap.add_argument("--others-reps", type=int, default=1, help="repetitions for DVC/Snakemake (slow)")
+    ap.add_argument("--interleaved-rounds", type=int, default=5,
+                    help="rounds of the interleaved no-op and plan measurement against Snakemake "
+                         "(0: skip it)")
+    ap.add_argument("--no-recipe-cache", action="store_true",
+                    help="empty pipeline's resolved-recipe store before each of its commands "
+                         "(time full recipe loads)")
     args = ap.parse_args()
 
     exe = str(Path(args.pipeline).resolve())
@@ -284,6 +330,7 @@ def main() -> int:
     plan_sizes = [int(s) for s in args.plan_sizes.split(",") if s]
 
     rows = []
+    inter_rows = []
     for shape in shapes:
         for n in sizes + plan_sizes:
             full = n in sizes
@@ -291,7 +338,7 @@ def main() -> int:
             with tempfile.TemporaryDirectory(prefix=f"bench-{shape}-{n}-") as tmp:
                 root = Path(tmp)
                 print(f"{shape} {n}: pipeline", file=sys.stderr, flush=True)
-                ours = bench_ours(exe, root, deps, args.reps, full)
+                ours = bench_ours(exe, root, deps, args.reps, full, args.no_recipe_cache)
                 theirs = {}
                 if full and n <= args.others_max:
                     for tool, fn, path in (("dvc", bench_dvc, dvc), ("snakemake", bench_snakemake, smk)):
@@ -301,29 +348,58 @@ def main() -> int:
                                 theirs[tool] = fn(path, root, deps, args.others_reps, n <= args.others_full_max)
                             except RuntimeError as e:
                                 print(f"warning: {tool} failed: {e}", file=sys.stderr)
+                    if "snakemake" in theirs and full and args.interleaved_rounds > 0:
+                        print(f"{shape} {n}: interleaved", file=sys.stderr, flush=True)
+                        d_ours, d_smk = root / "pipeline", root / "snakemake"
+                        recipe = str(d_ours / "recipe.toml")
+                        ours_base = [exe, "--cache-dir", str(d_ours / ".pipeline"), "--runs-dir",
+                                     str(d_ours / "runs"), "-q", "--no-progress"]
+                        smk_base = [smk, "--cores", "1", "--quiet"]
+                        for metric, o_cmd, s_cmd in (("no-op rerun", ours_base + ["run", recipe], smk_base),
+                                                     ("plan (all hit)", ours_base + ["plan", recipe],
+                                                      smk_base + ["-n"])):
+                            CLEAR_BEFORE[:] = ([d_ours / ".pipeline" / "v1" / "recipes"]
+                                               if args.no_recipe_cache else [])
+                            m = interleaved({"ours": (o_cmd, d_ours), "smk": (s_cmd, d_smk)},
+                                            args.interleaved_rounds)
+                            CLEAR_BEFORE.clear()
+                            inter_rows.append((shape, n, metric, *m["ours"], *m["smk"]))
             for metric in ("full", "noop", "plan", "plan-cold"):
                 if metric not in ours:
                     continue
                 o = ours.get(metric)
                 d = theirs.get("dvc", {}).get(metric)
                 s = theirs.get("snakemake", {}).get(metric)
+                s_cpu = theirs.get("snakemake", {}).get("cpu", {}).get(metric)
+                o_cpu = ours["cpu"].get(metric)
                 label = {"full": "full run (-j 1)", "noop": "no-op rerun", "plan": "plan (all hit)",
                          "plan-cold": "plan (cold)"}[metric]
                 ours_txt = fmt_s(o)
                 if metric == "full":
                     over = (o - ours["baseline"]) / n * 1000
                     ours_txt += f" ({o / n * 1000:.1f} ms/stage, {over:.1f} over `sh -c`)"
-                rows.append((shape, n, label, ours_txt, fmt_s(ours["cpu"].get(metric)), fmt_s(d), fmt_s(s),
-                             ratio(d, o), ratio(s, o)))
+                rows.append((shape, n, label, ours_txt, fmt_s(o_cpu), fmt_s(d), fmt_s(s), fmt_s(s_cpu),
+                             ratio(d, o), ratio(s, o), ratio(s_cpu, o_cpu)))
 
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
           f"dvc: {'yes' if dvc else 'n/a'}, snakemake: {'yes' if smk else 'n/a'}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
     print(f"Load average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}\n")
-    print("| shape | stages | measure | pipeline | pipeline CPU | dvc | snakemake | dvc / pipeline | snakemake / pipeline |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    print(f"Recipe store: {'emptied before every pipeline command' if args.no_recipe_cache else 'kept'}\n")
+    print("| shape | stages | measure | pipeline | pipeline CPU | dvc | snakemake | snakemake CPU "
+          "| dvc / pipeline | snakemake / pipeline | snakemake / pipeline, CPU |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print("| " + " | ".join(str(c) for c in r) + " |")
+    if inter_rows:
+        print(f"\nInterleaved (pipeline and Snakemake alternating, {args.interleaved_rounds} rounds, "
+              "medians): the ratio of two tools measured in the same minutes\n")
+        print("| shape | stages | measure | pipeline | pipeline CPU | snakemake | snakemake CPU "
+              "| snakemake / pipeline | snakemake / pipeline, CPU |")
+        print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+        for shape, n, metric, ow, oc, sw, sc in inter_rows:
+            print(f"| {shape} | {n} | {metric} | {fmt_s(ow)} | {fmt_s(oc)} | {fmt_s(sw)} | {fmt_s(sc)} "
+                  f"| {ratio(sw, ow)} | {ratio(sc, oc)} |")
     return 0
 
 

@@ -10,19 +10,21 @@
 //! └── v1/                         layout version; a new layout gets a new directory
 //!     ├── objects/<aa>/<blake3>   file contents, content-addressed, read-only
 //!     ├── entries/<key>/
-//!     │   ├── manifest.json       the commit marker, written last (see `Manifest`)
+//!     │   ├── manifest.msgpack    the commit marker, written last (see `Manifest`)
 //!     │   └── log.txt             the stage's captured log
 //!     ├── trees/<tree-digest>/    materialized outputs: read-only dirs of hardlinks into
 //!     │                           objects (the staged output itself, renamed at commit, or
 //!     │                           built atomically from the objects): what stages and
 //!     │                           `runs/` see
-//!     ├── refs/<experiment>/<stage>.json   last committed key (for "diff against last run")
+//!     ├── refs/<experiment>/<stage>.key    last committed key (for "diff against last
+//!     │                           run"): a symlink whose text is the key in base64
 //!     ├── checkpoints/<key>/      stage scratch that survives interruption; removed on commit
 //!     ├── locks/<key>.lock        per-key leases (flock + pid/host/heartbeat record)
 //!     ├── tmp/                    staging dirs, tree builds, spare empty dirs (same
 //!     │                           filesystem: renames)
 //!     ├── gc.lock                 commits hold it shared, `gc` exclusive
-//!     └── statcache.bin           (dev, inode, size, mtime, ctime) -> digest
+//!     ├── statcache.bin           (dev, inode, size, mtime, ctime) -> digest
+//!     └── recipes/                the engine's resolved-recipe cache (not this crate's)
 //! ```
 //!
 //! # Using it (the engine's view)
@@ -56,7 +58,7 @@
 //!
 //! The commit protocol (see `commit`) orders its steps so that an entry exists only once
 //! everything it names is in place: objects are linked in first, then the output trees;
-//! `manifest.json` is written into the staging directory, and renaming that directory to
+//! the manifest is written into the staging directory, and renaming that directory to
 //! `entries/<key>/` is the commit. That ordering alone makes the store safe
 //! against the process dying at any instant (SIGKILL, OOM, a panic): finished writes live
 //! in the kernel's page cache, which outlives the process, and `rename` is atomic. The

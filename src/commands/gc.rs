@@ -51,6 +51,10 @@ pub fn gc(g: &GlobalArgs, args: &GcArgs) -> CmdResult {
     let stats = cache
         .gc(&keep)
         .map_err(|e| Failure::environment(miette::miette!("gc failed: {e}")))?;
+    // The resolved-recipe cache (`recipe::load_memo`) is only a speed-up, one file per
+    // recipe path loaded: emptied here so it cannot grow without bound; the next load of
+    // each recipe stores it again.
+    let _ = std::fs::remove_dir_all(cache_dir(g).join(cache::LAYOUT_VERSION).join("recipes"));
     out(&format!(
         "removed {} entries, {} objects, {} trees, {} checkpoints, {} temp files ({} bytes freed); kept {} keys\n",
         stats.entries,
