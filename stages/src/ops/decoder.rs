@@ -373,6 +373,37 @@ impl Ws<'_> {
         }
     }
 
+    /// A new `[rows, out]` buffer `x W_iᵀ` (LoRA included).
+    fn project_new(&self, i: usize, merged: &mut Merged, x: &[f32], rows: usize) -> Vec<f32> {
+        let (out, inp) = self.dims.proj(i);
+        let loras = &self.lora[i];
+        if !loras.is_empty() && gemm::merge_pays(rows, out, inp) {
+            let m = merged[i].get_or_insert_with(|| gemm::merged(self.w[i], out, loras));
+            gemm::xwt_new(x, rows, m, out)
+        } else {
+            let mut y = gemm::xwt_new(x, rows, self.w[i], out);
+            for l in loras {
+                gemm::lora_add(x, rows, out, l, &mut y);
+            }
+            y
+        }
+    }
+
+    /// A new buffer `g W_i` with the weights [`Ws::project`] used.
+    fn project_back_new(&self, i: usize, merged: &Merged, g: &[f32], rows: usize) -> Vec<f32> {
+        let (out, _) = self.dims.proj(i);
+        match &merged[i] {
+            Some(m) => gemm::xw_new(g, rows, m, out),
+            None => {
+                let mut dx = gemm::xw_new(g, rows, self.w[i], out);
+                for l in &self.lora[i] {
+                    gemm::lora_dx(g, rows, out, l, &mut dx);
+                }
+                dx
+            }
+        }
+    }
+
     /// `dx (+)= g W_i` with the weights [`Ws::project`] used.
     fn project_back(
         &self,
@@ -508,26 +539,17 @@ fn run(
         n,
         nq,
         qd,
-        kvd,
+        ..
     } = Sizes::new(ws.dims, pos, from);
     let tables = (pos.cos.as_slice(), pos.sin.as_slice());
     let mut merged: Merged = Default::default();
     let mut n1 = vec![0f32; n * d];
     rms_norm_rows(x, ws.ln1, eps, &mut n1);
-    let (mut k, mut v) = (vec![0f32; n * kvd], vec![0f32; n * kvd]);
-    ws.project(K, &mut merged, &n1, n, &mut k, false);
-    ws.project(V, &mut merged, &n1, n, &mut v, false);
+    let mut k = ws.project_new(K, &mut merged, &n1, n);
+    let v = ws.project_new(V, &mut merged, &n1, n);
     rope_rows(&mut k, hkv, hd, tables, (s, s, 0), false);
     let n1q = (from > 0).then(|| suffix(&n1, (b, s, from), d));
-    let mut q = vec![0f32; nq * qd];
-    ws.project(
-        Q,
-        &mut merged,
-        n1q.as_deref().unwrap_or(&n1),
-        nq,
-        &mut q,
-        false,
-    );
+    let mut q = ws.project_new(Q, &mut merged, n1q.as_deref().unwrap_or(&n1), nq);
     rope_rows(&mut q, hq, hd, tables, (sq, s, from), false);
 
     let cached = match kv {
@@ -570,12 +592,16 @@ fn run(
     ws.project(O, &mut merged, &a, nq, &mut x1, true);
     let mut n2 = vec![0f32; nq * d];
     rms_norm_rows(&x1, ws.ln2, eps, &mut n2);
-    let (mut gate, mut up) = (vec![0f32; nq * inter], vec![0f32; nq * inter]);
-    ws.project(GATE, &mut merged, &n2, nq, &mut gate, false);
-    ws.project(UP, &mut merged, &n2, nq, &mut up, false);
+    let gate = ws.project_new(GATE, &mut merged, &n2, nq);
+    let up = ws.project_new(UP, &mut merged, &n2, nq);
     let mut h = vec![0f32; nq * inter];
     simd::swiglu(&gate, &up, &mut h);
-    let mut out = x1.clone();
+    // The residual stream becomes the output (the backward keeps its own copy of x1).
+    let mut out = if save {
+        x1.clone()
+    } else {
+        std::mem::take(&mut x1)
+    };
     ws.project(DOWN, &mut merged, &h, nq, &mut out, true);
     let saved = save.then(|| Saved {
         n1,
@@ -630,29 +656,24 @@ fn backward(
     let mut lora: [Vec<(Vec<f32>, Vec<f32>)>; 7] = Default::default();
     let mut lora_grad = |i: usize, u: &[f32], g: &[f32], rows: usize| {
         for l in ws.lora[i].iter().filter(|_| want_lora) {
-            let (mut da, mut db) = (vec![0f32; l.a.len()], vec![0f32; l.b.len()]);
-            gemm::lora_grads(u, g, rows, ws.dims.proj(i).0, l, &mut da, &mut db);
-            lora[i].push((da, db));
+            lora[i].push(gemm::lora_grads(u, g, rows, ws.dims.proj(i).0, l));
         }
     };
     let m = &sv.merged;
     // MLP: out = x1 + down(swiglu(gate(n2), up(n2))), n2 = rms(x1).
-    let mut dh = vec![0f32; nq * inter];
-    ws.project_back(DOWN, m, gout, nq, &mut dh, false);
+    let dh = ws.project_back_new(DOWN, m, gout, nq);
     lora_grad(DOWN, &sv.h, gout, nq);
     let (mut dg, mut du) = (vec![0f32; nq * inter], vec![0f32; nq * inter]);
     simd::swiglu_bwd(&sv.gate, &sv.up, &dh, &mut dg, &mut du);
     drop(dh);
-    let mut dn2 = vec![0f32; nq * d];
-    ws.project_back(GATE, m, &dg, nq, &mut dn2, false);
+    let mut dn2 = ws.project_back_new(GATE, m, &dg, nq);
     ws.project_back(UP, m, &du, nq, &mut dn2, true);
     lora_grad(GATE, &sv.n2, &dg, nq);
     lora_grad(UP, &sv.n2, &du, nq);
     let mut dx1 = gout.to_vec();
     rms_norm_bwd_rows(&sv.x1, ws.ln2, eps, &dn2, &mut dx1, true, None);
     // Attention: x1 = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = rms(x).
-    let mut da = vec![0f32; nq * qd];
-    ws.project_back(O, m, &dx1, nq, &mut da, false);
+    let da = ws.project_back_new(O, m, &dx1, nq);
     lora_grad(O, &sv.a, &dx1, nq);
     let (mut dq, mut dk, mut dv) = (
         vec![0f32; nq * qd],
@@ -670,12 +691,10 @@ fn backward(
     lora_grad(K, &sv.n1, &dk, n);
     lora_grad(V, &sv.n1, &dv, n);
     let dx = want_dx.then(|| {
-        let mut dn1 = vec![0f32; n * d];
-        ws.project_back(K, m, &dk, n, &mut dn1, false);
+        let mut dn1 = ws.project_back_new(K, m, &dk, n);
         ws.project_back(V, m, &dv, n, &mut dn1, true);
         let mut dx = if from > 0 {
-            let mut part = vec![0f32; nq * d];
-            ws.project_back(Q, m, &dq, nq, &mut part, false);
+            let part = ws.project_back_new(Q, m, &dq, nq);
             add_suffix(&mut dn1, &part, (b, s, from), d);
             let mut dx = vec![0f32; n * d];
             add_suffix(&mut dx, &dx1, (b, s, from), d);

@@ -67,18 +67,61 @@ pub(crate) fn mm(
         }
         return;
     }
+    // SAFETY: `dst` covers every index the strides reach (asserted) and, being a distinct
+    // mutable borrow, cannot alias the operands.
+    unsafe { raw((m, n, k), dst.as_mut_ptr(), drs, acc, lhs, rhs, beta) }
+}
+
+/// A new row-major `[m, n]` matrix `beta · lhs · rhs`, written by gemm straight into fresh
+/// memory (no zero-fill first: gemm writes every element and, with `read_dst` off, reads
+/// none).
+pub(crate) fn mm_new(
+    (m, n, k): (usize, usize, usize),
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    beta: f32,
+) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
+    }
+    let mut v = Vec::with_capacity(m * n);
+    // SAFETY: the buffer holds m·n floats with row stride n, which gemm writes in full
+    // through the raw pointer (no reference to uninitialized memory is formed); only then
+    // does `set_len` make them part of the vector.
+    unsafe {
+        raw((m, n, k), v.as_mut_ptr(), n, false, lhs, rhs, beta);
+        v.set_len(m * n);
+    }
+    v
+}
+
+/// The gemm call behind [`mm`] and [`mm_new`].
+///
+/// # Safety
+/// `dst` must be valid for writes (and reads when `acc`) at `i · drs + j` for every
+/// `i < m`, `j < n`, and must not overlap the operands; `m, n, k > 0`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn raw(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    drs: usize,
+    acc: bool,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+    beta: f32,
+) {
     assert!(
         fits(lhs.data.len(), m, k, lhs.rs, lhs.cs) && fits(rhs.data.len(), k, n, rhs.rs, rhs.cs),
         "gemm: operand too short"
     );
-    // SAFETY: the asserts keep every index the strides reach inside its slice, and `dst`
-    // is a distinct mutable borrow, so it cannot alias the operands.
+    // SAFETY: the operands cover every index their strides reach (asserted); the caller
+    // vouches for `dst`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             drs as isize,
             acc,
@@ -108,22 +151,8 @@ const SMALL_ROWS: usize = 64;
 pub(crate) fn xwt(x: &[f32], n: usize, w: &[f32], out: usize, y: &mut [f32], acc: bool) {
     let inp = if out == 0 { 0 } else { w.len() / out };
     if n <= SMALL_ROWS && n > 0 {
-        let mut yt = vec![0f32; out * n];
-        mm(
-            (out, n, inp),
-            &mut yt,
-            n,
-            false,
-            Mat::rows(w, inp),
-            Mat::t(x, inp),
-            1.0,
-        );
-        for (i, row) in y.chunks_exact_mut(out).take(n).enumerate() {
-            for (j, o) in row.iter_mut().enumerate() {
-                let v = yt[j * n + i];
-                *o = if acc { *o + v } else { v };
-            }
-        }
+        let yt = mm_new((out, n, inp), Mat::rows(w, inp), Mat::t(x, inp), 1.0);
+        transpose_into(&yt, n, &mut y[..n * out], acc);
     } else {
         mm(
             (n, out, inp),
@@ -135,6 +164,36 @@ pub(crate) fn xwt(x: &[f32], n: usize, w: &[f32], out: usize, y: &mut [f32], acc
             1.0,
         );
     }
+}
+
+/// `y (+)= ytᵀ` for `yt: [out, n]`, `y: [n, out]`.
+fn transpose_into(yt: &[f32], n: usize, y: &mut [f32], acc: bool) {
+    let out = y.len() / n.max(1);
+    for (i, row) in y.chunks_exact_mut(out).enumerate() {
+        for (j, o) in row.iter_mut().enumerate() {
+            let v = yt[j * n + i];
+            *o = if acc { *o + v } else { v };
+        }
+    }
+}
+
+/// A new `[n, out]` matrix `x Wᵀ` (see [`xwt`]).
+pub(crate) fn xwt_new(x: &[f32], n: usize, w: &[f32], out: usize) -> Vec<f32> {
+    let inp = if out == 0 { 0 } else { w.len() / out };
+    if n <= SMALL_ROWS && n > 0 {
+        let yt = mm_new((out, n, inp), Mat::rows(w, inp), Mat::t(x, inp), 1.0);
+        let mut y = vec![0f32; n * out];
+        transpose_into(&yt, n, &mut y, false);
+        y
+    } else {
+        mm_new((n, out, inp), Mat::rows(x, inp), Mat::t(w, inp), 1.0)
+    }
+}
+
+/// A new `[n, in]` matrix `g W` (see [`xw`]).
+pub(crate) fn xw_new(g: &[f32], n: usize, w: &[f32], out: usize) -> Vec<f32> {
+    let inp = if out == 0 { 0 } else { w.len() / out };
+    mm_new((n, inp, out), Mat::rows(g, out), Mat::rows(w, inp), 1.0)
 }
 
 /// `y[n, in] (+)= g[n, out] · W` for `W[out, in]` (the input gradient of `x Wᵀ`).
@@ -189,16 +248,7 @@ pub(crate) fn merge_pays(rows: usize, out: usize, inp: usize) -> bool {
 /// `y[n, out] += scale · (x Aᵀ) Bᵀ`.
 pub(crate) fn lora_add(x: &[f32], n: usize, out: usize, l: &Lora<'_>, y: &mut [f32]) {
     let inp = if l.r == 0 { 0 } else { l.a.len() / l.r };
-    let mut xa = vec![0f32; n * l.r];
-    mm(
-        (n, l.r, inp),
-        &mut xa,
-        l.r,
-        false,
-        Mat::rows(x, inp),
-        Mat::t(l.a, inp),
-        l.scale,
-    );
+    let xa = mm_new((n, l.r, inp), Mat::rows(x, inp), Mat::t(l.a, inp), l.scale);
     mm(
         (n, out, l.r),
         y,
@@ -214,12 +264,8 @@ pub(crate) fn lora_add(x: &[f32], n: usize, out: usize, l: &Lora<'_>, y: &mut [f
 /// form).
 pub(crate) fn lora_dx(g: &[f32], n: usize, out: usize, l: &Lora<'_>, dx: &mut [f32]) {
     let inp = if l.r == 0 { 0 } else { l.a.len() / l.r };
-    let mut gb = vec![0f32; n * l.r];
-    mm(
+    let gb = mm_new(
         (n, l.r, out),
-        &mut gb,
-        l.r,
-        false,
         Mat::rows(g, out),
         Mat::rows(l.b, l.r),
         l.scale,
@@ -243,46 +289,11 @@ pub(crate) fn lora_grads(
     n: usize,
     out: usize,
     l: &Lora<'_>,
-    da: &mut [f32],
-    db: &mut [f32],
-) {
+) -> (Vec<f32>, Vec<f32>) {
     let (r, inp) = (l.r, if l.r == 0 { 0 } else { l.a.len() / l.r });
-    let mut gb = vec![0f32; n * r];
-    mm(
-        (n, r, out),
-        &mut gb,
-        r,
-        false,
-        Mat::rows(g, out),
-        Mat::rows(l.b, r),
-        1.0,
-    );
-    mm(
-        (r, inp, n),
-        da,
-        inp,
-        false,
-        Mat::t(&gb, r),
-        Mat::rows(x, inp),
-        l.scale,
-    );
-    let mut xa = gb;
-    mm(
-        (n, r, inp),
-        &mut xa,
-        r,
-        false,
-        Mat::rows(x, inp),
-        Mat::t(l.a, inp),
-        1.0,
-    );
-    mm(
-        (out, r, n),
-        db,
-        r,
-        false,
-        Mat::t(g, out),
-        Mat::rows(&xa, r),
-        l.scale,
-    );
+    let gb = mm_new((n, r, out), Mat::rows(g, out), Mat::rows(l.b, r), 1.0);
+    let da = mm_new((r, inp, n), Mat::t(&gb, r), Mat::rows(x, inp), l.scale);
+    let xa = mm_new((n, r, inp), Mat::rows(x, inp), Mat::t(l.a, inp), 1.0);
+    let db = mm_new((out, r, n), Mat::t(g, out), Mat::rows(&xa, r), l.scale);
+    (da, db)
 }

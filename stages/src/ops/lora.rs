@@ -181,8 +181,7 @@ impl CustomOp3 for LoraLinear {
                                 }
                                 dx
                             });
-                            let (mut da, mut db) = (vec![0f32; av.len()], vec![0f32; bv.len()]);
-                            gemm::lora_grads(xs, gs, rows, out, &lora, &mut da, &mut db);
+                            let (da, db) = gemm::lora_grads(xs, gs, rows, out, &lora);
                             (dx, da, db)
                         })
                     })

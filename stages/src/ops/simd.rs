@@ -136,6 +136,7 @@ pub(crate) fn sigmoid(x: f32) -> f32 {
 pub(crate) trait Lanes: Copy {
     fn splat(v: f32) -> Self;
     fn load(x: &[f32; LANES]) -> Self;
+    fn store(self, out: &mut [f32; LANES]);
     /// `self + a·b`, rounded once.
     fn fma(self, a: Self, b: Self) -> Self;
     fn add(self, a: Self) -> Self;
@@ -183,6 +184,10 @@ impl Lanes for Scalar {
     #[inline(always)]
     fn load(x: &[f32; LANES]) -> Self {
         Self(*x)
+    }
+    #[inline(always)]
+    fn store(self, out: &mut [f32; LANES]) {
+        *out = self.0;
     }
     #[inline(always)]
     fn fma(self, a: Self, b: Self) -> Self {
@@ -253,6 +258,13 @@ mod x86 {
             }
         }
         #[inline(always)]
+        fn store(self, out: &mut [f32; LANES]) {
+            unsafe {
+                _mm256_storeu_ps(out.as_mut_ptr(), self.0);
+                _mm256_storeu_ps(out.as_mut_ptr().add(8), self.1);
+            }
+        }
+        #[inline(always)]
         fn fma(self, a: Self, b: Self) -> Self {
             unsafe {
                 Self(
@@ -307,6 +319,10 @@ mod x86 {
         #[inline(always)]
         fn load(x: &[f32; LANES]) -> Self {
             unsafe { Self(_mm512_loadu_ps(x.as_ptr())) }
+        }
+        #[inline(always)]
+        fn store(self, out: &mut [f32; LANES]) {
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), self.0) }
         }
         #[inline(always)]
         fn fma(self, a: Self, b: Self) -> Self {
@@ -440,14 +456,82 @@ simd_fn! {
     }
 }
 
+/// 16 values of `x` from `at` as a block.
+#[inline(always)]
+fn block(x: &[f32], at: usize) -> &[f32; LANES] {
+    x[at..at + LANES].try_into().unwrap()
+}
+
+/// [`dot`] of `q` with four rows at once (four independent accumulators instead of one
+/// dependency chain); each result is bit-identical to `dot(q, k[u])`.
+#[inline(always)]
+fn dot4<L: Lanes>(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+    let d = q.len();
+    let mut acc = [L::splat(0.0); 4];
+    let whole = d - d % LANES;
+    for at in (0..whole).step_by(LANES) {
+        let qv = L::load(block(q, at));
+        for u in 0..4 {
+            acc[u] = acc[u].fma(qv, L::load(block(k[u], at)));
+        }
+    }
+    if whole < d {
+        let pad = |x: &[f32]| {
+            let mut b = [0f32; LANES];
+            b[..d - whole].copy_from_slice(&x[whole..d]);
+            L::load(&b)
+        };
+        let qv = pad(q);
+        for u in 0..4 {
+            acc[u] = acc[u].fma(qv, pad(k[u]));
+        }
+    }
+    acc.map(L::reduce_add)
+}
+
 simd_fn! {
     /// Attention scores of one query row against `out.len()` keys:
     /// `out[j] = scale · q · k[j]`, key `j` at `k[j * k_rs..][..q.len()]`.
     pub(crate) fn scores(q: &[f32], k: &[f32], k_rs: usize, scale: f32, out: &mut [f32]) {
-        let d = q.len();
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = scale * dot::<L>(q, &k[j * k_rs..j * k_rs + d]);
+        let (d, t) = (q.len(), out.len());
+        let key = |j: usize| &k[j * k_rs..j * k_rs + d];
+        for (c, o) in out.chunks_exact_mut(4).enumerate() {
+            let r = dot4::<L>(q, std::array::from_fn(|u| key(4 * c + u)));
+            for (o, r) in o.iter_mut().zip(r) {
+                *o = scale * r;
+            }
         }
+        for j in t - t % 4..t {
+            out[j] = scale * dot::<L>(q, key(j));
+        }
+    }
+}
+
+/// [`weighted_rows`] for `d = 16·C`: the output in `2C` registers, even and odd keys in
+/// separate accumulators (independent chains), added at the end.
+#[inline(always)]
+fn weighted_regs<L: Lanes, const C: usize>(p: &[f32], v: &[f32], v_rs: usize, out: &mut [f32]) {
+    let (mut even, mut odd) = ([L::splat(0.0); C], [L::splat(0.0); C]);
+    let pairs = p.len() / 2;
+    for jp in 0..pairs {
+        let j = 2 * jp;
+        let (p0, p1) = (L::splat(p[j]), L::splat(p[j + 1]));
+        for c in 0..C {
+            even[c] = even[c].fma(p0, L::load(block(v, j * v_rs + c * LANES)));
+            odd[c] = odd[c].fma(p1, L::load(block(v, (j + 1) * v_rs + c * LANES)));
+        }
+    }
+    if p.len() % 2 == 1 {
+        let j = p.len() - 1;
+        let p0 = L::splat(p[j]);
+        for c in 0..C {
+            even[c] = even[c].fma(p0, L::load(block(v, j * v_rs + c * LANES)));
+        }
+    }
+    for c in 0..C {
+        even[c]
+            .add(odd[c])
+            .store((&mut out[c * LANES..(c + 1) * LANES]).try_into().unwrap());
     }
 }
 
@@ -455,6 +539,12 @@ simd_fn! {
     /// `out = Σ_j p[j] · v[j]`, value row `j` at `v[j * v_rs..][..out.len()]`.
     pub(crate) fn weighted_rows(p: &[f32], v: &[f32], v_rs: usize, out: &mut [f32]) {
         let d = out.len();
+        match d {
+            32 => return weighted_regs::<L, 2>(p, v, v_rs, out),
+            64 => return weighted_regs::<L, 4>(p, v, v_rs, out),
+            128 => return weighted_regs::<L, 8>(p, v, v_rs, out),
+            _ => {}
+        }
         out.fill(0.0);
         for (j, &pj) in p.iter().enumerate() {
             for (o, &x) in out.iter_mut().zip(&v[j * v_rs..j * v_rs + d]) {
@@ -622,6 +712,19 @@ mod tests {
         let mut out = s.clone();
         let d = dot::<L>(&s, g);
         out.extend(s.iter().zip(g).map(|(y, gv)| y * (gv - d)));
+        // Four keys of width 16·k + 5 from x, against a query from g: dot4 = dot each.
+        let w = x.len() / 5;
+        let keys: [&[f32]; 4] = std::array::from_fn(|u| &x[u * w..(u + 1) * w]);
+        let four = dot4::<L>(&g[..w], keys);
+        for (u, k) in keys.iter().enumerate() {
+            assert_eq!(four[u].to_bits(), dot::<L>(&g[..w], k).to_bits());
+        }
+        out.extend(four);
+        if x.len() >= 64 * 3 {
+            let mut o = [0f32; 64];
+            weighted_regs::<L, 4>(&g[..3], x, 64, &mut o);
+            out.extend(o);
+        }
         out.extend([
             dot::<L>(x, g),
             dot3::<L>(x, g, x),
