@@ -176,8 +176,13 @@ fn write(
     let sum = blake3::hash(&bytes[32..]);
     bytes[..32].copy_from_slice(sum.as_bytes());
     std::fs::create_dir_all(dir)?;
+    // Unique enough across processes and hosts sharing the cache (a pid alone is not, on
+    // a cluster); a file mixed from two writers would fail its checksum anyway.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     let tmp = dir.join(format!(
-        ".{}.{}.tmp",
+        ".{}.{}.{nanos}.tmp",
         slot.file_name().unwrap_or_default().to_string_lossy(),
         std::process::id()
     ));
