@@ -292,7 +292,10 @@ pub(crate) fn lora_grads(
 ) -> (Vec<f32>, Vec<f32>) {
     let (r, inp) = (l.r, if l.r == 0 { 0 } else { l.a.len() / l.r });
     let gb = mm_new((n, r, out), Mat::rows(g, out), Mat::rows(l.b, r), 1.0);
-    let da = mm_new((r, inp, n), Mat::t(&gb, r), Mat::rows(x, inp), l.scale);
+    // dAᵀ = s xᵀ (g B), then transposed: gemm runs a product with r (= 8) rows on its
+    // 16-row microkernel at half width, one with `in` rows at full width.
+    let dat = mm_new((inp, r, n), Mat::t(x, inp), Mat::rows(&gb, r), l.scale);
+    let da = (0..r * inp).map(|e| dat[(e % inp) * r + e / inp]).collect();
     let xa = mm_new((n, r, inp), Mat::rows(x, inp), Mat::t(l.a, inp), 1.0);
     let db = mm_new((out, r, n), Mat::t(g, out), Mat::rows(&xa, r), l.scale);
     (da, db)
