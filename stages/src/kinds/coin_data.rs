@@ -105,8 +105,11 @@ impl StageKind for SynthCoin {
         // grounded kind names objects by letter with their boxes. 4: the grounded kind gives
         // each cell and box after its object's name, count and relation captions name cells
         // too; one box per grid cell (no jitter); ScienceQA lists all options in a fixed
-        // order; TextVQA's words start on the patch grid.
-        4
+        // order; TextVQA's words start on the patch grid. 5: grounded captions give the box
+        // right after the name (then the cell), word captions the lower-case word first,
+        // half the drawing captions are book covers (colour and title); OCR-VQA's titles sit
+        // on the patch grid.
+        5
     }
     fn doc(&self) -> &'static str {
         "Generate a synthetic CoIN look-alike (8 tasks in CoIN order, each in its native answer style, \

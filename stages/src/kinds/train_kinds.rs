@@ -45,6 +45,7 @@ use super::sft::{
     write_model_dir,
 };
 use crate::data::coin::DatasetInfo;
+use crate::model::chat::ChatTemplate;
 use crate::model::image::ImageProcessorConfig;
 use crate::model::lora::TargetModules;
 use crate::model::tokenizer::LlavaTokenizer;
@@ -80,6 +81,7 @@ struct PretrainParams {
     model: serde_json::Map<String, Value>,
     splits: Vec<String>,
     freeze_vision: bool,
+    template: String,
     lr: f64,
     weight_decay: f64,
     #[serde(flatten)]
@@ -138,6 +140,13 @@ impl StageKind for Pretrain {
                 "keep the vision tower fixed (as LLaVA keeps CLIP); train projector and decoder only",
             ),
             spec(
+                "template",
+                ParamType::Enum(&["vicuna_v1", "plain"]),
+                Some(json!("vicuna_v1")),
+                "text format: `vicuna_v1` (system prompt, USER/ASSISTANT, the caption prompt) or \
+                 `plain` (LLaVA's stage-1 format: image, caption, `</s>`; a third fewer tokens)",
+            ),
+            spec(
                 "lr",
                 ParamType::Float,
                 Some(json!(1e-3)),
@@ -180,7 +189,11 @@ impl StageKind for Pretrain {
             let n = super::vision_kind::load_vision(&mut model, &dir)?;
             let _ = writeln!(ctx.log, "vision tower: {n} tensors from {}", dir.display());
         }
-        let tpl = template(&model);
+        let tpl = if p.template == "plain" {
+            ChatTemplate::plain(model.config().image_tokens_per_image())
+        } else {
+            template(&model)
+        };
         let max_len = model.config().text.max_position_embeddings;
         let mut set = SftSet {
             examples: Vec::new(),

@@ -13,6 +13,15 @@
 //! The system prompt is configurable; with none (the `llava-tiny` fixture's short form) the text
 //! starts at `USER:`. A prompt for generation ends with `ASSISTANT:` and no trailing space.
 //!
+//! LLaVA's feature-alignment pretraining (stage 1) uses the `plain` format instead: the image
+//! and then the caption, with no system prompt, roles or instruction (LLaVA drops the user's
+//! text; one turn, its `<image>` markers kept). We end the caption with `</s>` where LLaVA
+//! ends it with `\n`, so a model pretrained this way stops after its caption.
+//!
+//! ```text
+//! <image>A red circle in the top left.</s>
+//! ```
+//!
 //! ## Tokens and labels
 //!
 //! The whole conversation is tokenized in one call (so BPE merges across turn boundaries behave
@@ -56,6 +65,8 @@ pub enum ChatError {
     MissingAnswer { turn: usize },
     #[error("training example has no assistant answer to learn from")]
     NoTargets,
+    #[error("the plain pretraining format takes one turn, not {turns}")]
+    PlainTurns { turns: usize },
     #[error("conversation has {found} `{IMAGE}` placeholders but {given} images")]
     ImageCount { found: usize, given: usize },
     #[error("cannot build a batch from zero examples")]
@@ -97,6 +108,8 @@ pub struct ChatTemplate {
     pub system: Option<String>,
     /// Image features per `<image>` (`(image_size / patch)^2`, plus one for the "full" strategy).
     pub image_tokens: usize,
+    /// LLaVA's `plain` pretraining format (see the module docs): `system` is unused.
+    pub plain: bool,
 }
 
 impl ChatTemplate {
@@ -105,6 +118,7 @@ impl ChatTemplate {
         Self {
             system: Some(VICUNA_V1_SYSTEM.to_string()),
             image_tokens,
+            plain: false,
         }
     }
 
@@ -113,6 +127,16 @@ impl ChatTemplate {
         Self {
             system: None,
             image_tokens,
+            plain: false,
+        }
+    }
+
+    /// LLaVA's `plain` format of feature-alignment pretraining: image, caption, `</s>`.
+    pub fn plain(image_tokens: usize) -> Self {
+        Self {
+            system: None,
+            image_tokens,
+            plain: true,
         }
     }
 
@@ -121,6 +145,9 @@ impl ChatTemplate {
     pub fn render(&self, turns: &[Turn]) -> Result<(String, Vec<Range<usize>>), ChatError> {
         if turns.is_empty() {
             return Err(ChatError::Empty);
+        }
+        if self.plain {
+            return render_plain(turns);
         }
         let mut text = String::new();
         if let Some(system) = &self.system {
@@ -203,6 +230,23 @@ impl ChatTemplate {
         }
         out
     }
+}
+
+/// The `plain` rendering: the first turn's `<image>` markers, then its answer and `</s>`.
+fn render_plain(turns: &[Turn]) -> Result<(String, Vec<Range<usize>>), ChatError> {
+    if turns.len() > 1 {
+        return Err(ChatError::PlainTurns { turns: turns.len() });
+    }
+    let turn = &turns[0];
+    let mut text = IMAGE.repeat(turn.user.matches(IMAGE).count());
+    let mut spans = Vec::new();
+    if let Some(answer) = &turn.assistant {
+        let start = text.len();
+        text.push_str(answer);
+        text.push_str(EOS);
+        spans.push(start..text.len());
+    }
+    Ok((text, spans))
 }
 
 /// Counts `<image>` placeholders in `turns` (the caller must supply that many images).
@@ -514,6 +558,33 @@ mod tests {
             "{decoded}"
         );
         assert_eq!(targets.iter().filter(|&&i| i == tok.eos_id).count(), 2);
+    }
+
+    #[test]
+    fn plain_format_is_image_then_caption_with_only_the_caption_learned() {
+        let tok = tok();
+        let t = ChatTemplate::plain(3);
+        let (text, spans) = t.render(&[Turn::qa(Q0, A0)]).unwrap();
+        assert_eq!(text, format!("<image>{A0}</s>"));
+        assert_eq!(&text[spans[0].clone()], format!("{A0}</s>"));
+        let e = t.encode_training(&tok, &[Turn::qa(Q0, A0)]).unwrap();
+        let images = e.input_ids.iter().filter(|&&i| i == tok.image_id).count();
+        assert_eq!(images, 3);
+        // BOS, the image tokens, then the caption: everything after the image is a target.
+        assert_eq!(e.input_ids[0], tok.bos_id);
+        assert!(e.labels[..=images].iter().all(|&l| l == IGNORE_INDEX));
+        assert!(e.labels[images + 1..].iter().all(|&l| l != IGNORE_INDEX));
+        let targets: Vec<u32> = e.labels[images + 1..].iter().map(|&l| l as u32).collect();
+        assert_eq!(
+            tok.decode(&targets, false).unwrap().trim(),
+            format!("{A0}</s>")
+        );
+        let prompt = t.encode_prompt(&tok, &[Turn::ask(Q0)]).unwrap();
+        assert_eq!(prompt.len(), 1 + images);
+        assert!(matches!(
+            t.render(&[Turn::qa(Q0, A0), Turn::qa(Q0, A0)]),
+            Err(ChatError::PlainTurns { turns: 2 })
+        ));
     }
 
     #[test]

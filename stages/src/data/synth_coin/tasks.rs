@@ -563,33 +563,8 @@ pub fn vqav2(rng: &mut StdRng, size: u32) -> Sample {
 
 /// OCRVQA: a book cover; the title, the genre (cover colour), or a yes/no genre question.
 pub fn ocr_vqa(rng: &mut StdRng, size: u32) -> Sample {
-    let genre = rng.random_range(0..GENRES.len());
-    let title = *TITLES.choose(rng).unwrap_or(&TITLES[0]);
-    let scale = glyph_scale(size);
-    let margin = size / 16;
-    let mut c = Canvas::new(size, BACKGROUND);
-    c.rect(
-        Rect {
-            x1: margin,
-            y1: 0,
-            x2: size - margin,
-            y2: size,
-        },
-        COLORS[genre].1,
-    );
-    let tw = text_width(title, scale);
-    let ty = rng.random_range(margin..=size / 3);
-    c.rect(
-        Rect {
-            x1: margin,
-            y1: ty - scale.min(ty),
-            x2: size - margin,
-            y2: ty + 8 * scale,
-        },
-        [250, 250, 250],
-    );
-    c.text(title, (size - tw) / 2, ty, scale, [20, 20, 20]);
-    let pretty = format!("{}{}", &title[..1], title[1..].to_lowercase());
+    let (image, genre, title) = book_cover(rng, size);
+    let pretty = title_case(title);
     let (question, answer, qtype) = match rng.random_range(0..3) {
         0 => (
             "What is the title of this book?".to_string(),
@@ -630,8 +605,52 @@ pub fn ocr_vqa(rng: &mut StdRng, size: u32) -> Sample {
             ),
         ],
         bbox: None,
-        image: c.img,
+        image,
     }
+}
+
+/// A book cover: the genre's colour (index into [`COLORS`]) with a white panel holding the
+/// title in dark capitals.
+fn book_cover(rng: &mut StdRng, size: u32) -> (RgbImage, usize, &'static str) {
+    let genre = rng.random_range(0..GENRES.len());
+    let title = *TITLES.choose(rng).unwrap_or(&TITLES[0]);
+    let scale = glyph_scale(size);
+    let margin = size / 16;
+    let mut c = Canvas::new(size, BACKGROUND);
+    c.rect(
+        Rect {
+            x1: margin,
+            y1: 0,
+            x2: size - margin,
+            y2: size,
+        },
+        COLORS[genre].1,
+    );
+    let tw = text_width(title, scale);
+    // On the patch grid, as TextVQA's words: the title then looks the same to the tower
+    // wherever the panel is.
+    let step = (size / 8).max(1);
+    let ty = step * rng.random_range(margin.div_ceil(step)..=(size / 3) / step);
+    c.rect(
+        Rect {
+            x1: margin,
+            y1: ty - scale.min(ty),
+            x2: size - margin,
+            y2: ty + 8 * scale,
+        },
+        [250, 250, 250],
+    );
+    c.text(title, (size - tw) / 2, ty, scale, [20, 20, 20]);
+    (c.img, genre, title)
+}
+
+/// `MOON` -> `Moon`, as OCR-VQA's answers write titles.
+fn title_case(title: &str) -> String {
+    let lower = title.to_lowercase();
+    let mut c = lower.chars();
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
 }
 
 /// Prompts of the captioning split (none is one of the eight task instructions).
@@ -643,9 +662,9 @@ const CAPTION_PROMPTS: [&str; 4] = [
 ];
 
 /// A captioning sample for the pretraining split: the question is a caption prompt and the
-/// answer a caption naming colours, shapes, places, counts, words and classes; one kind is a
-/// grounded caption (objects by letter with their boxes). No questions, options or task
-/// instructions.
+/// answer a caption naming colours, shapes, places, counts, words, classes and book titles;
+/// one kind is a grounded caption (objects by letter with their boxes). No questions, options
+/// or task instructions.
 pub fn caption(rng: &mut StdRng, size: u32) -> Sample {
     let prompt = *CAPTION_PROMPTS.choose(rng).unwrap_or(&CAPTION_PROMPTS[0]);
     let (answer, image) = match rng.random_range(0..6) {
@@ -687,13 +706,15 @@ pub fn caption(rng: &mut StdRng, size: u32) -> Sample {
             )
         }
         2 => {
-            // The lower-case word mid-sentence, as a TextVQA answer spells it: an answer token
-            // the language model never produced in pretraining stays out of a LoRA's reach.
+            // The word in lower case first, as a TextVQA answer spells it, read off the image;
+            // then in capitals, copied. An answer token the language model never had to read
+            // off an image in pretraining stays out of a LoRA's reach (with the capitals first,
+            // the lower-case word was only ever copied from them).
             let s = text_vqa(rng, size);
             let word = s.answer.to_uppercase();
             (
                 format!(
-                    "The word {word} written in letters on a grey background, {} in lower case.",
+                    "The word {} is written in capital letters: {word}.",
                     s.answer
                 ),
                 s.image,
@@ -701,12 +722,12 @@ pub fn caption(rng: &mut StdRng, size: u32) -> Sample {
         }
         5 => {
             // A grounded caption: objects named by letter, then by colour and shape, then
-            // their cell and box (normalized as Grounding writes them), so option letters and
-            // box coordinates are words the model has written before any task. Place follows
-            // name: predicting it teaches "where is the red circle", Grounding's direction (a
-            // box before the name would teach only "what is at this box"); the cell words
-            // before the box let the language model learn the box from words it reads off the
-            // image (`train.vision` teaches the tower to name cells).
+            // their box (normalized as Grounding writes them) and cell, so option letters and
+            // box coordinates are words the model has written before any task. The box follows
+            // the name directly, as in a Grounding answer: predicting it teaches "where is the
+            // red circle" in one step. (With the cell words before the box, the box was copied
+            // from them, a shortcut Grounding's answer does not have.) The cell words keep
+            // every caption that shows objects in cells naming them (`train.vision`'s labels).
             let n = rng.random_range(2..=4);
             let objs = place(rng, size, n, Distinct::Pairs);
             let parts: Vec<String> = objs
@@ -714,10 +735,10 @@ pub fn caption(rng: &mut StdRng, size: u32) -> Sample {
                 .zip(["A", "B", "C", "D"])
                 .map(|(o, letter)| {
                     format!(
-                        "shape {letter} is a {} in the {} at {}",
+                        "shape {letter} is a {} at {} in the {}",
                         o.name(),
-                        o.cell(),
-                        obj_box(o, size)
+                        obj_box(o, size),
+                        o.cell()
                     )
                 })
                 .collect();
@@ -726,9 +747,22 @@ pub fn caption(rng: &mut StdRng, size: u32) -> Sample {
                 render(size, &objs),
             )
         }
-        3 => {
+        3 if rng.random_bool(0.5) => {
             let s = imagenet(rng, size);
             (format!("A simple drawing of a {}.", s.answer), s.image)
+        }
+        3 => {
+            // A book cover, by its colour (not its genre: which colour marks which genre is
+            // OCR-VQA's to teach) and title, read off the image as OCR-VQA answers it.
+            let (image, genre, title) = book_cover(rng, size);
+            (
+                format!(
+                    "A {} book cover with the title {}.",
+                    COLORS[genre].0,
+                    title_case(title)
+                ),
+                image,
+            )
         }
         _ => {
             let s = gqa(rng, size);
