@@ -75,8 +75,10 @@ def torch_bench(a):
     ids, px, labels = batch(a.batch)
     out = {"batch": a.batch, "image_tokens": n_img, "text_len": a.text_len, "threads": torch.get_num_threads(),
            "torch": torch.__version__, "attn": a.attn}
-    with torch.no_grad():
-        out["forward_ms"] = timed(a.steps, lambda: model(input_ids=ids, pixel_values=px), "forward_ms")
+    want = lambda key: a.only is None or a.only == key
+    if want("forward_ms"):
+        with torch.no_grad():
+            out["forward_ms"] = timed(a.steps, lambda: model(input_ids=ids, pixel_values=px), "forward_ms")
 
     def gen_tok_s(b):
         gi, gp, _ = batch(b)
@@ -90,8 +92,9 @@ def torch_bench(a):
         CPU[key] = b * a.new_tokens / (CPU[key] / 1e3)
         return b * a.new_tokens / (wall / 1e3)
 
-    out["generate_tok_s_b1"] = gen_tok_s(1)
-    out["generate_tok_s_b16"] = gen_tok_s(16)
+    for b in (1, 16):
+        if want(f"generate_tok_s_b{b}"):
+            out[f"generate_tok_s_b{b}"] = gen_tok_s(b)
 
     def step_fn(m, params):
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
@@ -102,20 +105,22 @@ def torch_bench(a):
             opt.step()
         return step
 
-    try:
-        from peft import LoraConfig, get_peft_model
-        lm = get_peft_model(load(), LoraConfig(r=a.lora_rank, lora_alpha=2 * a.lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
-        lm.train()
-        out["lora_step_ms"] = timed(a.steps, step_fn(lm, [p for p in lm.parameters() if p.requires_grad]), "lora_step_ms")
-        del lm
-    except ImportError:
-        out["lora_step_ms"] = None
-        print("peft not installed: LoRA step skipped", file=sys.stderr)
+    if want("lora_step_ms"):
+        try:
+            from peft import LoraConfig, get_peft_model
+            lm = get_peft_model(load(), LoraConfig(r=a.lora_rank, lora_alpha=2 * a.lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS))
+            lm.train()
+            out["lora_step_ms"] = timed(a.steps, step_fn(lm, [p for p in lm.parameters() if p.requires_grad]), "lora_step_ms")
+            del lm
+        except ImportError:
+            out["lora_step_ms"] = None
+            print("peft not installed: LoRA step skipped", file=sys.stderr)
 
-    full = load().train()
-    for n, p in full.named_parameters():
-        p.requires_grad = "vision_tower" not in n
-    out["full_step_ms"] = timed(a.steps, step_fn(full, [p for p in full.parameters() if p.requires_grad]), "full_step_ms")
+    if want("full_step_ms"):
+        full = load().train()
+        for n, p in full.named_parameters():
+            p.requires_grad = "vision_tower" not in n
+        out["full_step_ms"] = timed(a.steps, step_fn(full, [p for p in full.parameters() if p.requires_grad]), "full_step_ms")
     out["cpu"] = dict(CPU)
     return out
 
@@ -147,6 +152,8 @@ def main():
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--rust-json", help="the JSON report of `pipeline model bench` / `cargo bench --bench model`")
     p.add_argument("--json-out", help="write the torch numbers here as JSON")
+    p.add_argument("--only", choices=["forward_ms", "lora_step_ms", "full_step_ms", "generate_tok_s_b1", "generate_tok_s_b16"],
+                   help="time this measurement alone (for interleaving short runs with the candle bench's --only)")
     a = p.parse_args()
     rust = None
     if a.rust_json:

@@ -171,6 +171,34 @@ impl KvCache {
         Ok(view)
     }
 
+    /// [`KvCache::append`] for the fused decoder layer's token-major keys/values: a layer's
+    /// first append with a reserve writes its buffers directly (one pass, no zero-filled
+    /// buffer to copy into); later ones take the general path.
+    fn append_new(&mut self, i: usize, new: decoder::NewKv<'_>) -> Result<(Tensor, Tensor)> {
+        let (b, h, s, d) = new.dims;
+        let fresh = self.layers.get(i).is_none_or(Option::is_none);
+        if !fresh || self.reserve < s {
+            let (k, v) = new.tensors()?;
+            return self.append(i, k, v);
+        }
+        if self.layers.len() <= i {
+            self.layers.resize(i + 1, None);
+        }
+        let cap = self.reserve;
+        let (kb, vb) = new.buffers(cap);
+        let kb = Tensor::from_vec(kb, (b, h, cap, d), &Device::Cpu)?;
+        let vb = Tensor::from_vec(vb, (b, h, cap, d), &Device::Cpu)?;
+        let layer = LayerKv {
+            view: (kb.narrow(2, 0, s)?, vb.narrow(2, 0, s)?),
+            buf: Some((kb, vb)),
+            filled: s,
+            exclusive: true,
+        };
+        let view = layer.view.clone();
+        self.layers[i] = Some(layer);
+        Ok(view)
+    }
+
     /// Records that `n` more positions were processed (after all layers appended).
     fn advance(&mut self, n: usize) {
         self.len += n;
@@ -339,7 +367,7 @@ impl Llama {
                             decoder::train(&p, dims, &x, pos, from_i)?
                         }
                         Some(cache) => {
-                            let mut append = |k, v| cache.append(i, k, v);
+                            let mut append = |new: decoder::NewKv<'_>| cache.append_new(i, new);
                             let kv = decoder::Kv::Cache(&mut append);
                             decoder::forward(&p, dims, &x, pos, from_i, kv)?
                         }
@@ -613,6 +641,24 @@ mod tests {
             cache.len(),
             5 + chunks.iter().map(|c| c.0.dim(2).unwrap()).sum::<usize>()
         );
+    }
+
+    #[test]
+    fn a_first_append_of_token_major_rows_fills_the_buffers_directly() {
+        let mut cache = KvCache::with_capacity(16);
+        let first = kv(0.0, 5);
+        // The same keys/values token-major ([b, s, h, d]), as the fused layer computes them.
+        let tm = |t: &Tensor| vals(&t.transpose(1, 2).unwrap().contiguous().unwrap());
+        let (k, v) = (tm(&first.0), tm(&first.1));
+        let new = decoder::NewKv {
+            k: &k,
+            v: &v,
+            dims: (2, 3, 5, 4),
+        };
+        let (gk, gv) = cache.append_new(0, new).unwrap();
+        cache.advance(5);
+        assert_eq!((vals(&gk), vals(&gv)), (vals(&first.0), vals(&first.1)));
+        check_appends(&mut cache, &[kv(100.0, 1), kv(200.0, 2)], first);
     }
 
     #[test]

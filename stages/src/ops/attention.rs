@@ -21,8 +21,9 @@
 //! zero probability).
 //!
 //! GQA: query head `h` reads KV head `h / (hq / hkv)`. Both passes parallelize over the
-//! batch, so each task owns its batch's rows of every output: no atomics, and every sum
-//! runs in the same order whatever the thread count.
+//! batch (or loop over it on the calling thread when rayon has one thread), so each task
+//! owns its batch's rows of every output: no atomics, and every sum runs in the same order
+//! whatever the thread count.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
@@ -231,115 +232,157 @@ impl Problem<'_> {
 
     /// Writes the attention output into `out` (`b · o.bs` floats, `o.start` = 0).
     pub(crate) fn forward(&self, out: &mut [f32], o: Heads) {
-        let Dims { b, hq, s, t, d, .. } = self.dm;
+        let Dims { b, s, t, d, .. } = self.dm;
         if b == 0 || s * d == 0 {
             return;
         }
-        out.par_chunks_mut(o.bs).take(b).enumerate().for_each_init(
-            || vec![0f32; TILE.min(s) * t],
-            |p, (bi, ob)| {
-                for h in 0..hq {
-                    for i0 in (0..s).step_by(TILE) {
-                        let rows = TILE.min(s - i0);
-                        let pt = &mut p[..rows * t];
-                        self.probs_tile(bi, h, i0, rows, pt);
-                        let at = o.at(0, h) + i0 * o.rs;
-                        self.weighted(bi, h, pt, rows, &mut ob[at..], o.rs);
-                    }
-                }
-            },
-        );
+        let scratch = || vec![0f32; TILE.min(s) * t];
+        if sequential() {
+            let mut p = scratch();
+            for (bi, ob) in out.chunks_mut(o.bs).take(b).enumerate() {
+                self.forward_batch(bi, ob, o, &mut p);
+            }
+        } else {
+            out.par_chunks_mut(o.bs)
+                .take(b)
+                .enumerate()
+                .for_each_init(scratch, |p, (bi, ob)| self.forward_batch(bi, ob, o, p));
+        }
+    }
+
+    /// The output rows of batch `bi` into `ob`.
+    fn forward_batch(&self, bi: usize, ob: &mut [f32], o: Heads, p: &mut [f32]) {
+        let Dims { hq, s, t, .. } = self.dm;
+        for h in 0..hq {
+            for i0 in (0..s).step_by(TILE) {
+                let rows = TILE.min(s - i0);
+                let pt = &mut p[..rows * t];
+                self.probs_tile(bi, h, i0, rows, pt);
+                let at = o.at(0, h) + i0 * o.rs;
+                self.weighted(bi, h, pt, rows, &mut ob[at..], o.rs);
+            }
+        }
     }
 
     /// Gradients of the inputs given the output gradient `g`. `dq`, `dk`, `dv` are
     /// zero-filled buffers of `b · bs` floats (`start` = 0); this adds into them.
     pub(crate) fn backward(
         &self,
-        (g, gh): (&[f32], Heads),
+        g: (&[f32], Heads),
         (dq, dqh): (&mut [f32], Heads),
         (dk, dkh): (&mut [f32], Heads),
         (dv, dvh): (&mut [f32], Heads),
     ) {
-        let Dims { b, hq, s, t, d, .. } = self.dm;
+        let Dims { b, s, t, d, .. } = self.dm;
         if b == 0 || s * d == 0 || t * d == 0 {
             return;
         }
+        let tile = TILE.min(s) * t;
+        let scratch = || (vec![0f32; tile], vec![0f32; tile]);
+        let heads = (dqh, dkh, dvh);
+        if sequential() {
+            let mut sc = scratch();
+            let batches = dq
+                .chunks_mut(dqh.bs)
+                .zip(dk.chunks_mut(dkh.bs).zip(dv.chunks_mut(dvh.bs)))
+                .take(b);
+            for (bi, (dqb, (dkb, dvb))) in batches.enumerate() {
+                self.backward_batch(bi, g, (dqb, dkb, dvb), heads, &mut sc);
+            }
+        } else {
+            dq.par_chunks_mut(dqh.bs)
+                .zip(dk.par_chunks_mut(dkh.bs).zip(dv.par_chunks_mut(dvh.bs)))
+                .take(b)
+                .enumerate()
+                .for_each_init(scratch, |sc, (bi, (dqb, (dkb, dvb)))| {
+                    self.backward_batch(bi, g, (dqb, dkb, dvb), heads, sc)
+                });
+        }
+    }
+
+    /// The gradients of batch `bi`'s rows into `dqb`, `dkb`, `dvb`.
+    fn backward_batch(
+        &self,
+        bi: usize,
+        (g, gh): (&[f32], Heads),
+        (dqb, dkb, dvb): (&mut [f32], &mut [f32], &mut [f32]),
+        (dqh, dkh, dvh): (Heads, Heads, Heads),
+        (p, dp): &mut (Vec<f32>, Vec<f32>),
+    ) {
+        let Dims { hq, s, t, d, .. } = self.dm;
         let (q, qh) = self.q;
         let (k, kh) = self.k;
-        let tile = TILE.min(s) * t;
-        dq.par_chunks_mut(dqh.bs)
-            .zip(dk.par_chunks_mut(dkh.bs).zip(dv.par_chunks_mut(dvh.bs)))
-            .take(b)
-            .enumerate()
-            .for_each_init(
-                || (vec![0f32; tile], vec![0f32; tile]),
-                |(p, dp), (bi, (dqb, (dkb, dvb)))| {
-                    for h in 0..hq {
-                        let kvh = self.kv_head(h);
-                        let km = Mat {
-                            data: &k[kh.at(bi, kvh)..],
-                            rs: kh.rs,
-                            cs: 1,
-                        };
-                        let vm = self.values(bi, h);
-                        for i0 in (0..s).step_by(TILE) {
-                            let rows = TILE.min(s - i0);
-                            let (p, dp) = (&mut p[..rows * t], &mut dp[..rows * t]);
-                            self.probs_tile(bi, h, i0, rows, p);
-                            let gm = Mat {
-                                data: &g[gh.at(bi, h) + i0 * gh.rs..],
-                                rs: gh.rs,
-                                cs: 1,
-                            };
-                            let qm = Mat {
-                                data: &q[qh.at(bi, h) + i0 * qh.rs..],
-                                rs: qh.rs,
-                                cs: 1,
-                            };
-                            // dP = G Vᵀ; dS = scale · P ∘ (dP − rowsum(P ∘ dP))
-                            let vt = Mat {
-                                data: vm.data,
-                                rs: 1,
-                                cs: vm.rs,
-                            };
-                            mm((rows, t, d), dp, t, false, gm, vt, 1.0);
-                            simd::softmax_bwd_rows(p, dp, t, self.scale);
-                            // dQ = dS K; dK += dSᵀ Q; dV += Pᵀ G
-                            let dq0 = dqh.at(0, h) + i0 * dqh.rs;
-                            mm(
-                                (rows, d, t),
-                                &mut dqb[dq0..],
-                                dqh.rs,
-                                false,
-                                Mat::rows(dp, t),
-                                km,
-                                1.0,
-                            );
-                            let dk0 = dkh.at(0, kvh);
-                            mm(
-                                (t, d, rows),
-                                &mut dkb[dk0..],
-                                dkh.rs,
-                                true,
-                                Mat::t(dp, t),
-                                qm,
-                                1.0,
-                            );
-                            let dv0 = dvh.at(0, kvh);
-                            mm(
-                                (t, d, rows),
-                                &mut dvb[dv0..],
-                                dvh.rs,
-                                true,
-                                Mat::t(p, t),
-                                gm,
-                                1.0,
-                            );
-                        }
-                    }
-                },
-            );
+        for h in 0..hq {
+            let kvh = self.kv_head(h);
+            let km = Mat {
+                data: &k[kh.at(bi, kvh)..],
+                rs: kh.rs,
+                cs: 1,
+            };
+            let vm = self.values(bi, h);
+            for i0 in (0..s).step_by(TILE) {
+                let rows = TILE.min(s - i0);
+                let (p, dp) = (&mut p[..rows * t], &mut dp[..rows * t]);
+                self.probs_tile(bi, h, i0, rows, p);
+                let gm = Mat {
+                    data: &g[gh.at(bi, h) + i0 * gh.rs..],
+                    rs: gh.rs,
+                    cs: 1,
+                };
+                let qm = Mat {
+                    data: &q[qh.at(bi, h) + i0 * qh.rs..],
+                    rs: qh.rs,
+                    cs: 1,
+                };
+                // dP = G Vᵀ; dS = scale · P ∘ (dP − rowsum(P ∘ dP))
+                let vt = Mat {
+                    data: vm.data,
+                    rs: 1,
+                    cs: vm.rs,
+                };
+                mm((rows, t, d), dp, t, false, gm, vt, 1.0);
+                simd::softmax_bwd_rows(p, dp, t, self.scale);
+                // dQ = dS K; dK += dSᵀ Q; dV += Pᵀ G
+                let dq0 = dqh.at(0, h) + i0 * dqh.rs;
+                mm(
+                    (rows, d, t),
+                    &mut dqb[dq0..],
+                    dqh.rs,
+                    false,
+                    Mat::rows(dp, t),
+                    km,
+                    1.0,
+                );
+                let dk0 = dkh.at(0, kvh);
+                mm(
+                    (t, d, rows),
+                    &mut dkb[dk0..],
+                    dkh.rs,
+                    true,
+                    Mat::t(dp, t),
+                    qm,
+                    1.0,
+                );
+                let dv0 = dvh.at(0, kvh);
+                mm(
+                    (t, d, rows),
+                    &mut dvb[dv0..],
+                    dvh.rs,
+                    true,
+                    Mat::t(p, t),
+                    gm,
+                    1.0,
+                );
+            }
+        }
     }
+}
+
+/// Whether to run the per-batch loops on this thread: with one rayon thread (the
+/// default, `configure_cpu_runtime`) a parallel iterator only hands the work to the pool's
+/// worker and sleeps until it is done, two context switches per call.
+fn sequential() -> bool {
+    rayon::current_num_threads() <= 1
 }
 
 impl Attention {

@@ -182,7 +182,49 @@ impl Positions {
 /// which returns the cache's keys and values (`[b, hkv, t, hd]`, any row strides).
 pub(crate) enum Kv<'c> {
     Own,
-    Cache(&'c mut dyn FnMut(Tensor, Tensor) -> Result<(Tensor, Tensor)>),
+    Cache(&'c mut dyn FnMut(NewKv<'_>) -> Result<(Tensor, Tensor)>),
+}
+
+/// The keys (after RoPE) and values of a forward's new positions as the layer computed
+/// them: token-major `[b, s, h, d]`.
+pub(crate) struct NewKv<'a> {
+    pub(crate) k: &'a [f32],
+    pub(crate) v: &'a [f32],
+    /// `(b, h, s, d)`.
+    pub(crate) dims: (usize, usize, usize, usize),
+}
+
+impl NewKv<'_> {
+    /// Head-major `[b, h, s, d]` tensors, the cache's layout.
+    pub(crate) fn tensors(&self) -> Result<(Tensor, Tensor)> {
+        let (b, h, s, d) = self.dims;
+        let shape = Shape::from((b, h, s, d));
+        Ok((
+            tensor(self.buffer(self.k, s), &shape)?,
+            tensor(self.buffer(self.v, s), &shape)?,
+        ))
+    }
+
+    /// Fresh head-major `[b, h, cap, d]` buffers holding these positions first and zeros
+    /// after, written in one pass (a cache's first append needs no zero-fill and copy).
+    pub(crate) fn buffers(&self, cap: usize) -> (Vec<f32>, Vec<f32>) {
+        (self.buffer(self.k, cap), self.buffer(self.v, cap))
+    }
+
+    fn buffer(&self, x: &[f32], cap: usize) -> Vec<f32> {
+        let (b, h, s, d) = self.dims;
+        let mut out = Vec::with_capacity(b * h * cap * d);
+        for bi in 0..b {
+            for hi in 0..h {
+                for si in 0..s {
+                    let o = ((bi * s + si) * h + hi) * d;
+                    out.extend_from_slice(&x[o..o + d]);
+                }
+                out.resize(out.len() + (cap - s) * d, 0.0);
+            }
+        }
+        out
+    }
 }
 
 /// The layer's data as slices.
@@ -330,20 +372,6 @@ fn add_suffix(x: &mut [f32], rows: &[f32], (b, s, from): (usize, usize, usize), 
             *o += v;
         }
     }
-}
-
-/// Token-major `[b, s, h, d]` to head-major `[b, h, s, d]`.
-fn head_major(x: &[f32], b: usize, s: usize, h: usize, d: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(x.len());
-    for bi in 0..b {
-        for hi in 0..h {
-            for si in 0..s {
-                let o = ((bi * s + si) * h + hi) * d;
-                out.extend_from_slice(&x[o..o + d]);
-            }
-        }
-    }
-    out
 }
 
 /// Per projection, the merged `W + Σ s·B A` when the forward used it.
@@ -554,12 +582,11 @@ fn run(
 
     let cached = match kv {
         Kv::Own => None,
-        Kv::Cache(f) => {
-            let shape = Shape::from((b, hkv, s, hd));
-            let kt = tensor(head_major(&k, b, s, hkv, hd), &shape)?;
-            let vt = tensor(head_major(&v, b, s, hkv, hd), &shape)?;
-            Some(f(kt, vt)?)
-        }
+        Kv::Cache(f) => Some(f(NewKv {
+            k: &k,
+            v: &v,
+            dims: (b, hkv, s, hd),
+        })?),
     };
     let held = cached.as_ref().map(|(kc, vc)| hold(&[kc, vc]));
     let own = Heads::token_major(hkv, s, hd);

@@ -182,7 +182,8 @@ fn fused_layer_with_a_kv_cache_matches_the_whole_sequence() {
             None
         };
         let pos = Positions::new(&cos, &sin, mask.as_ref()).unwrap();
-        let mut append = |k: Tensor, v: Tensor| {
+        let mut append = |new: decoder::NewKv<'_>| {
+            let (k, v) = new.tensors()?;
             let kv = match cache.take() {
                 None => (k, v),
                 Some((pk, pv)) => (
