@@ -328,6 +328,7 @@ fn run_command(ctx: &mut StageCtx<'_>, cmd: &str) -> Result<(), StageError> {
         // Its own process group: Ctrl-C in the terminal reaches only us, and a cancel can
         // kill every process the command started, which also closes the pipe.
         .process_group(0);
+    die_with_parent(&mut command);
     let child = command
         .spawn()
         .map_err(|e| StageError::Other(format!("cannot start `sh`: {e}")))?;
@@ -347,6 +348,35 @@ fn run_command(ctx: &mut StageCtx<'_>, cmd: &str) -> Result<(), StageError> {
     }
     Ok(())
 }
+
+/// Have the kernel SIGKILL the command's `sh` when the thread that started it dies, so a
+/// `pipeline` killed with SIGKILL (which runs no cleanup) does not leave the command running
+/// and writing its outs behind a later run's back. The spawning thread waits for the child
+/// in `pump_and_wait`, so it lives exactly as long as the command should. `sh -c` execs a
+/// single simple command in place, which then inherits the setting; processes a compound
+/// command forks are reparented and survive, as they would under any init.
+#[cfg(target_os = "linux")]
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+    // SAFETY: prctl(2), getppid(2) and raise(3) are async-signal-safe and touch no memory
+    // of the parent.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then nothing will signal us.
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_command: &mut Command) {}
 
 /// `/bin/sh` (POSIX puts it there), or `sh` looked up in `PATH` on a system without it.
 /// The absolute path saves an `execve` attempt per `PATH` entry for every stage.

@@ -223,3 +223,57 @@ fn sigkill_after_every_stage_commit_count() {
         "s0000 committed before the first kill and must never rerun"
     );
 }
+
+/// Whether process `pid` still runs (a zombie has died and only awaits its reaper).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| !matches!(state, "Z" | "X")),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn sigkill_of_pipeline_alone_takes_its_stage_command_down() {
+    // Only `pipeline` is killed, not its session: the stage command, in a process group of
+    // its own, must not go on running (and writing its outs) without it.
+    let p = Project::new(
+        "[experiment]\nname = \"orphan\"\n\n[stages.long]\nkind = \"shell\"\n\
+         cmd = \"echo $$ > ../cmd.pid && exec sleep 60\"\nouts = [\"out.txt\"]\n",
+    );
+    let mut child = spawn_run(&p, &[]);
+    let pid_file = p.root().join("cmd.pid");
+    let start = Instant::now();
+    let cmd_pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the stage command never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // Give the `exec` a moment so the pid is `sleep`'s, not only `sh`'s.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(alive(cmd_pid), "the stage command should be running");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let start = Instant::now();
+    while alive(cmd_pid) {
+        if start.elapsed() > Duration::from_secs(5) {
+            // Do not leave it behind for the rest of the suite.
+            // SAFETY: kill(2) with a pid; no memory is involved.
+            unsafe {
+                libc::kill(cmd_pid, libc::SIGKILL);
+            }
+            panic!("the stage command outlived `pipeline` killed with SIGKILL");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
