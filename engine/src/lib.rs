@@ -9,6 +9,7 @@ pub mod events;
 pub mod exec;
 pub mod graph;
 pub mod key;
+mod orphans;
 pub mod plan;
 pub mod recipe;
 pub mod shell;

@@ -304,6 +304,14 @@ fn substitute(
 /// group if the run is cancelled.
 fn run_command(ctx: &mut StageCtx<'_>, cmd: &str) -> Result<(), StageError> {
     use std::os::unix::process::CommandExt;
+    let left = crate::orphans::reap(ctx.checkpoint_dir);
+    if left > 0 {
+        let _ = writeln!(
+            ctx.log,
+            "pipeline: killed {left} process(es) that an interrupted earlier attempt at this \
+             stage left running"
+        );
+    }
     let (mut reader, writer) =
         std::io::pipe().map_err(|e| StageError::Other(format!("cannot create a pipe: {e}")))?;
     let writer2 = writer
@@ -335,6 +343,7 @@ fn run_command(ctx: &mut StageCtx<'_>, cmd: &str) -> Result<(), StageError> {
     // The command holds the only write ends now; drop ours so EOF comes when it exits.
     drop(command);
     let pid = child.id();
+    crate::orphans::record(ctx.checkpoint_dir, pid);
     let status = pump_and_wait(ctx, child, pid, &mut reader)?;
     if ctx.cancel.load(Ordering::Relaxed) {
         return Err(StageError::Cancelled);
@@ -354,7 +363,8 @@ fn run_command(ctx: &mut StageCtx<'_>, cmd: &str) -> Result<(), StageError> {
 /// and writing its outs behind a later run's back. The spawning thread waits for the child
 /// in `pump_and_wait`, so it lives exactly as long as the command should. `sh -c` execs a
 /// single simple command in place, which then inherits the setting; processes a compound
-/// command forks are reparented and survive, as they would under any init.
+/// command forks are reparented and survive, and [`crate::orphans`] kills them when the
+/// stage is next attempted.
 #[cfg(target_os = "linux")]
 fn die_with_parent(command: &mut Command) {
     use std::os::unix::process::CommandExt;

@@ -277,3 +277,63 @@ fn sigkill_of_pipeline_alone_takes_its_stage_command_down() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn processes_a_killed_run_forked_die_when_the_stage_is_rerun() {
+    // A compound command: `sh` forks the `sleep` and waits for it. PDEATHSIG takes `sh` down
+    // with `pipeline`, but not what it forked; the next attempt at the stage must.
+    let p = Project::new(
+        "[experiment]\nname = \"orphan\"\n\n[stages.long]\nkind = \"shell\"\n\
+         cmd = \"if [ -e ../again ]; then echo ok > out.txt; else \
+         sh -c 'echo $$ > ../grand.pid && exec sleep 60' & wait; fi\"\n\
+         outs = [\"out.txt\"]\n",
+    );
+    let mut child = spawn_run(&p, &[]);
+    let pid_file = p.root().join("grand.pid");
+    let start = Instant::now();
+    let grand = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            break pid;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the stage command never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let cleanup = |pid: i32| {
+        // SAFETY: kill(2) with a pid; no memory is involved.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    };
+    if !alive(grand) {
+        panic!("the forked `sleep` died with `pipeline`: this test no longer tests the rerun");
+    }
+    std::fs::write(p.root().join("again"), "").unwrap();
+    let recipe = p.recipe();
+    let out = p
+        .cmd(&["--no-progress", "run", recipe.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let survived = alive(grand);
+    if survived {
+        cleanup(grand);
+    }
+    assert!(
+        out.status.success(),
+        "rerun failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !survived,
+        "a process the killed run's command forked was still running after the rerun"
+    );
+}
