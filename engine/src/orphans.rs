@@ -6,7 +6,8 @@
 //! the group when `pipeline` itself was killed with SIGKILL. Such processes may go on writing
 //! the stage's outputs while a later run reruns the stage.
 //!
-//! So the command's group is written down in the stage's checkpoint directory (which is keyed
+//! So the group of a command that runs longer than a few tens of milliseconds (trivial
+//! commands are spared the file) is written down in the stage's checkpoint directory (keyed
 //! by the stage key, survives an interruption and is removed when the stage commits), and the
 //! next attempt at the same stage kills what is still in that group before it starts its own
 //! command. The record is `boot_id pgid sid leader_start`: a group is only killed on the same

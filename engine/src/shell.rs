@@ -343,7 +343,6 @@ fn run_command(ctx: &mut StageCtx<'_>, cmd: &str) -> Result<(), StageError> {
     // The command holds the only write ends now; drop ours so EOF comes when it exits.
     drop(command);
     let pid = child.id();
-    crate::orphans::record(ctx.checkpoint_dir, pid);
     let status = pump_and_wait(ctx, child, pid, &mut reader)?;
     if ctx.cancel.load(Ordering::Relaxed) {
         return Err(StageError::Cancelled);
@@ -401,6 +400,11 @@ fn sh_path() -> &'static Path {
 /// How often a waiting stage looks at the cancel flag.
 const CANCEL_CHECK: Duration = Duration::from_millis(10);
 
+/// How long a command runs before its process group is recorded for [`crate::orphans`].
+/// Trivial commands finish sooner and skip the file's creation and removal, which cost
+/// more than the command itself on a disk with slow metadata operations.
+const RECORD_AFTER: Duration = Duration::from_millis(20);
+
 /// Copies the command's output into the stage log until EOF and reaps the child, killing
 /// its process group as soon as the run is cancelled. Returns the exit status.
 ///
@@ -426,7 +430,13 @@ fn pump_and_wait(
     let mut check_child = true;
     let mut nap = Duration::from_micros(100);
     let mut buf = [0u8; 8192];
+    let started = std::time::Instant::now();
+    let mut recorded = false;
     loop {
+        if !recorded && status.is_none() && started.elapsed() >= RECORD_AFTER {
+            crate::orphans::record(ctx.checkpoint_dir, pid);
+            recorded = true;
+        }
         if ctx.cancel.load(Ordering::Relaxed) {
             kill_group(pid);
             return match status {

@@ -304,7 +304,22 @@ fn processes_a_killed_run_forked_die_when_the_stage_is_rerun() {
         );
         std::thread::sleep(Duration::from_millis(5));
     };
-    std::thread::sleep(Duration::from_millis(100));
+    // The run records the command's process group once it has run 20 ms; kill after that.
+    let recorded = || {
+        std::fs::read_dir(p.cache().join("v1/checkpoints"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join(".pipeline-shell-group").exists())
+    };
+    let start = Instant::now();
+    while !recorded() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the run never recorded the command's process group"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     std::thread::sleep(Duration::from_millis(200));
