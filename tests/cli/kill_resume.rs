@@ -235,6 +235,34 @@ fn alive(pid: i32) -> bool {
     }
 }
 
+/// The pid a stage command writes to `path`, once it has (30 s at most).
+fn pid_when_written(path: &std::path::Path) -> i32 {
+    let start = Instant::now();
+    loop {
+        if let Some(pid) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
+            return pid;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the stage command never wrote {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// SIGKILL process `pid`, so that a failing test leaves nothing behind for the rest of the
+/// suite.
+fn kill_pid(pid: i32) {
+    // SAFETY: kill(2) with a pid; no memory is involved.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
 #[test]
 fn sigkill_of_pipeline_alone_takes_its_stage_command_down() {
     // Only `pipeline` is killed, not its session: the stage command, in a process group of
@@ -244,21 +272,7 @@ fn sigkill_of_pipeline_alone_takes_its_stage_command_down() {
          cmd = \"echo $$ > ../cmd.pid && exec sleep 60\"\nouts = [\"out.txt\"]\n",
     );
     let mut child = spawn_run(&p, &[]);
-    let pid_file = p.root().join("cmd.pid");
-    let start = Instant::now();
-    let cmd_pid = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-        {
-            break pid;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the stage command never started"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let cmd_pid = pid_when_written(&p.root().join("cmd.pid"));
     // Give the `exec` a moment so the pid is `sleep`'s, not only `sh`'s.
     std::thread::sleep(Duration::from_millis(100));
     assert!(alive(cmd_pid), "the stage command should be running");
@@ -268,10 +282,7 @@ fn sigkill_of_pipeline_alone_takes_its_stage_command_down() {
     while alive(cmd_pid) {
         if start.elapsed() > Duration::from_secs(5) {
             // Do not leave it behind for the rest of the suite.
-            // SAFETY: kill(2) with a pid; no memory is involved.
-            unsafe {
-                libc::kill(cmd_pid, libc::SIGKILL);
-            }
+            kill_pid(cmd_pid);
             panic!("the stage command outlived `pipeline` killed with SIGKILL");
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -289,21 +300,7 @@ fn processes_a_killed_run_forked_die_when_the_stage_is_rerun() {
          outs = [\"out.txt\"]\n",
     );
     let mut child = spawn_run(&p, &[]);
-    let pid_file = p.root().join("grand.pid");
-    let start = Instant::now();
-    let grand = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok())
-        {
-            break pid;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the stage command never started"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let grand = pid_when_written(&p.root().join("grand.pid"));
     // The run records the command's process group once it has run 20 ms; kill after that.
     let recorded = || {
         std::fs::read_dir(p.cache().join("v1/checkpoints"))
@@ -323,12 +320,6 @@ fn processes_a_killed_run_forked_die_when_the_stage_is_rerun() {
     child.kill().unwrap();
     child.wait().unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let cleanup = |pid: i32| {
-        // SAFETY: kill(2) with a pid; no memory is involved.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-    };
     if !alive(grand) {
         panic!("the forked `sleep` died with `pipeline`: this test no longer tests the rerun");
     }
@@ -340,7 +331,7 @@ fn processes_a_killed_run_forked_die_when_the_stage_is_rerun() {
         .unwrap();
     let survived = alive(grand);
     if survived {
-        cleanup(grand);
+        kill_pid(grand);
     }
     assert!(
         out.status.success(),
