@@ -331,39 +331,44 @@ def main() -> int:
 
     rows = []
     inter_rows = []
+    # Every measurement's files are deleted only at the end: deleting thousands of inodes
+    # slows every inode the next measurement creates on some file systems (ext4 without a
+    # journal scans past recently deleted inodes on each allocation), which would charge
+    # one measurement for the clean-up of the one before.
+    keep = tempfile.TemporaryDirectory(prefix="bench-engine-")
     for shape in shapes:
         for n in sizes + plan_sizes:
             full = n in sizes
             deps = dag(shape, n)
-            with tempfile.TemporaryDirectory(prefix=f"bench-{shape}-{n}-") as tmp:
-                root = Path(tmp)
-                print(f"{shape} {n}: pipeline", file=sys.stderr, flush=True)
-                ours = bench_ours(exe, root, deps, args.reps, full, args.no_recipe_cache)
-                theirs = {}
-                if full and n <= args.others_max:
-                    for tool, fn, path in (("dvc", bench_dvc, dvc), ("snakemake", bench_snakemake, smk)):
-                        if path:
-                            print(f"{shape} {n}: {tool}", file=sys.stderr, flush=True)
-                            try:
-                                theirs[tool] = fn(path, root, deps, args.others_reps, n <= args.others_full_max)
-                            except RuntimeError as e:
-                                print(f"warning: {tool} failed: {e}", file=sys.stderr)
-                    if "snakemake" in theirs and full and args.interleaved_rounds > 0:
-                        print(f"{shape} {n}: interleaved", file=sys.stderr, flush=True)
-                        d_ours, d_smk = root / "pipeline", root / "snakemake"
-                        recipe = str(d_ours / "recipe.toml")
-                        ours_base = [exe, "--cache-dir", str(d_ours / ".pipeline"), "--runs-dir",
-                                     str(d_ours / "runs"), "-q", "--no-progress"]
-                        smk_base = [smk, "--cores", "1", "--quiet"]
-                        for metric, o_cmd, s_cmd in (("no-op rerun", ours_base + ["run", recipe], smk_base),
-                                                     ("plan (all hit)", ours_base + ["plan", recipe],
-                                                      smk_base + ["-n"])):
-                            CLEAR_BEFORE[:] = ([d_ours / ".pipeline" / "v1" / "recipes"]
-                                               if args.no_recipe_cache else [])
-                            m = interleaved({"ours": (o_cmd, d_ours), "smk": (s_cmd, d_smk)},
-                                            args.interleaved_rounds)
-                            CLEAR_BEFORE.clear()
-                            inter_rows.append((shape, n, metric, *m["ours"], *m["smk"]))
+            root = Path(keep.name) / f"{shape}-{n}"
+            root.mkdir()
+            print(f"{shape} {n}: pipeline", file=sys.stderr, flush=True)
+            ours = bench_ours(exe, root, deps, args.reps, full, args.no_recipe_cache)
+            theirs = {}
+            if full and n <= args.others_max:
+                for tool, fn, path in (("dvc", bench_dvc, dvc), ("snakemake", bench_snakemake, smk)):
+                    if path:
+                        print(f"{shape} {n}: {tool}", file=sys.stderr, flush=True)
+                        try:
+                            theirs[tool] = fn(path, root, deps, args.others_reps, n <= args.others_full_max)
+                        except RuntimeError as e:
+                            print(f"warning: {tool} failed: {e}", file=sys.stderr)
+                if "snakemake" in theirs and full and args.interleaved_rounds > 0:
+                    print(f"{shape} {n}: interleaved", file=sys.stderr, flush=True)
+                    d_ours, d_smk = root / "pipeline", root / "snakemake"
+                    recipe = str(d_ours / "recipe.toml")
+                    ours_base = [exe, "--cache-dir", str(d_ours / ".pipeline"), "--runs-dir",
+                                 str(d_ours / "runs"), "-q", "--no-progress"]
+                    smk_base = [smk, "--cores", "1", "--quiet"]
+                    for metric, o_cmd, s_cmd in (("no-op rerun", ours_base + ["run", recipe], smk_base),
+                                                 ("plan (all hit)", ours_base + ["plan", recipe],
+                                                  smk_base + ["-n"])):
+                        CLEAR_BEFORE[:] = ([d_ours / ".pipeline" / "v1" / "recipes"]
+                                           if args.no_recipe_cache else [])
+                        m = interleaved({"ours": (o_cmd, d_ours), "smk": (s_cmd, d_smk)},
+                                        args.interleaved_rounds)
+                        CLEAR_BEFORE.clear()
+                        inter_rows.append((shape, n, metric, *m["ours"], *m["smk"]))
             for metric in ("full", "noop", "plan", "plan-cold"):
                 if metric not in ours:
                     continue
@@ -381,6 +386,7 @@ def main() -> int:
                 rows.append((shape, n, label, ours_txt, fmt_s(o_cpu), fmt_s(d), fmt_s(s), fmt_s(s_cpu),
                              ratio(d, o), ratio(s, o), ratio(s_cpu, o_cpu)))
 
+    keep.cleanup()
     print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
           f"dvc: {'yes' if dvc else 'n/a'}, snakemake: {'yes' if smk else 'n/a'}; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
