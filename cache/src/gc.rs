@@ -2,6 +2,7 @@
 //!
 //! `gc(keep)` takes the gc lock exclusively (commits and tree builds hold it shared, so no
 //! object is collected between being stored and being referenced by its manifest), then:
+//! 0. removes the run memos (module `memo`: they vouch for entries this may remove);
 //! 1. removes entries whose key is not kept and not locked (a locked key is being
 //!    recomputed: its entry and references stay);
 //! 2. removes objects and trees no remaining manifest references;
@@ -71,6 +72,7 @@ impl Cache {
         gc_lock
             .lock()
             .map_err(|e| self.io(&lock_path, "cannot lock", e))?;
+        self.drop_all_memos()?;
         let mut stats = GcStats::default();
         let mut live_objects: HashSet<Digest> = HashSet::new();
         let mut live_trees: HashSet<Digest> = HashSet::new();

@@ -18,6 +18,8 @@
 //!     │                           `runs/` see
 //!     ├── refs/<experiment>/<stage>.key    last committed key (for "diff against last
 //!     │                           run"): a symlink whose text is the key in base64
+//!     ├── memo/<experiment>.bin   run memos: each stage's manifest as the last run left
+//!     │                           it, so a no-op rerun reads one file (module `memo`)
 //!     ├── checkpoints/<key>/      stage scratch that survives interruption; removed on commit
 //!     ├── locks/<key>.lock        per-key leases (flock + pid/host/heartbeat record)
 //!     ├── tmp/                    staging dirs, tree builds, spare empty dirs (same
@@ -92,6 +94,7 @@ mod commit;
 mod fsutil;
 mod gc;
 mod lock;
+mod memo;
 mod refs;
 mod rel;
 mod store;
@@ -103,6 +106,7 @@ pub use gc::GcStats;
 pub use hash::{NodeKind, Tree, TreeEntry, hash_file, hash_tree};
 pub use lock::{LockGuard, LockHolder, LockOutcome, Waiting};
 pub use manifest::{CommitMeta, Entry, Lookup, Manifest, MissReason};
+pub use memo::Memo;
 pub use rel::DirFd;
 pub use stat_cache::StatCache;
 pub use store::{Cache, CacheOptions, FSYNC_ENV, LAYOUT_VERSION};

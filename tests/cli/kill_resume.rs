@@ -343,3 +343,58 @@ fn processes_a_killed_run_forked_die_when_the_stage_is_rerun() {
         "a process the killed run's command forked was still running after the rerun"
     );
 }
+
+#[test]
+fn a_run_killed_after_moving_a_ref_leaves_no_memo_that_hides_it() {
+    // The run memo lets a hit skip reading its ref when the memo records the stage at the
+    // key computed. A run that moves a ref removes the memo first: otherwise a run killed
+    // after moving `a`'s ref (and before rewriting the memo) would leave a memo that still
+    // records the old key, and the next run at that key would not move the ref back, so
+    // `explain` would diff against the killed run's parameters.
+    let recipe = |p: u32| {
+        format!(
+            "[experiment]\nname = \"memo\"\n\n\
+             [stages.a]\nkind = \"shell\"\ncmd = \"echo p=${{params.p}} > ${{outs}}\"\n\
+             outs = [\"a.txt\"]\nparams = {{ p = {p} }}\n\n\
+             [stages.b]\nkind = \"shell\"\ndeps = [\"@a\"]\n\
+             cmd = \"touch ../b.started && cat ${{deps}} > ${{outs}} && \
+             if grep -q p=2 ${{deps}}; then sleep 60; fi\"\nouts = [\"b.txt\"]\n"
+        )
+    };
+    let p = crate::common::Project::new(&recipe(1));
+    let path = p.recipe();
+    let path = path.to_str().unwrap();
+    p.run(&["--no-progress", "run", path]).ok();
+
+    p.write_recipe(&recipe(2));
+    let started = p.root().join("b.started");
+    std::fs::remove_file(&started).unwrap();
+    let mut child = spawn_run(&p, &[]);
+    let sid = child.id() as i32;
+    let start = Instant::now();
+    while !started.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "stage b never started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    kill_session(sid);
+    child.wait().unwrap();
+
+    // Back to p = 1: every stage a hit, and `a`'s ref back at its p = 1 key.
+    p.write_recipe(&recipe(1));
+    p.run(&["--no-progress", "run", path]).ok();
+    p.write_recipe(&recipe(3));
+    let r = p.run(&["explain", path, "a"]);
+    r.ok();
+    let out = format!("{}{}", r.stdout, r.stderr);
+    let line = out
+        .lines()
+        .find(|l| l.contains("`p`") || l.contains("p:") || l.contains(" p "))
+        .unwrap_or_else(|| panic!("no line about param `p`:\n{out}"));
+    assert!(
+        line.contains('1') && line.contains('3') && !line.contains('2'),
+        "`a` must be explained against its last finished run (p = 1): {line}\n{out}"
+    );
+}

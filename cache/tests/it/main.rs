@@ -8,6 +8,7 @@ mod corruption;
 mod gc;
 mod hashing;
 mod locking;
+mod memo;
 mod roundtrip;
 mod sigkill;
 mod write_errors;

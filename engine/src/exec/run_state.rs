@@ -71,6 +71,8 @@ pub(super) struct RunState<'a, R> {
     started: Instant,
     /// Directories that hits touch files in, open for the whole run.
     dirs: Arc<stage_run::OpenDirs>,
+    /// The experiment's run memo.
+    memo: Arc<stage_run::RunMemo>,
 }
 
 impl<'a, R> RunState<'a, R> {
@@ -149,6 +151,7 @@ impl<'a, R> RunState<'a, R> {
             summary: RunSummary::default(),
             started,
             dirs: Arc::new(stage_run::OpenDirs::open(recipe, opts.runs_dir.as_deref())),
+            memo: Arc::new(stage_run::RunMemo::new(cache.load_memo(&recipe.experiment))),
         })
     }
 
@@ -192,6 +195,7 @@ impl<'a, R> RunState<'a, R> {
             cancel: &self.opts.cancel,
             runs_dir: self.opts.runs_dir.as_deref(),
             dirs: self.dirs.clone(),
+            memo: self.memo.clone(),
         }
     }
 
@@ -518,6 +522,7 @@ impl<'a, R> RunState<'a, R> {
                     .push(self.recipe.stages[i].name.clone());
             }
         }
+        self.save_memo();
         self.summary.interrupted = interrupted;
         self.summary.elapsed = self.started.elapsed();
         let s = &self.summary;
@@ -530,6 +535,27 @@ impl<'a, R> RunState<'a, R> {
             elapsed_ms: ms(s.elapsed),
         });
         self.summary
+    }
+}
+
+impl<R> RunState<'_, R> {
+    /// Rewrites the experiment's memo with every stage done in this run, unless it
+    /// already records each of them at its key. A memo that cannot be written only costs
+    /// the next run its manifest reads.
+    fn save_memo(&self) {
+        let done: Vec<(&str, &Entry)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                Slot::Done(e) => Some((self.recipe.stages[i].name.as_str(), &**e)),
+                _ => None,
+            })
+            .collect();
+        let memo = &self.memo.loaded;
+        if done.iter().any(|(name, e)| memo.key(name) != Some(e.key)) {
+            let _ = self.cache.save_memo(&self.recipe.experiment, memo, done);
+        }
     }
 }
 
@@ -604,7 +630,12 @@ fn look(env: &LookEnv<'_>, input: LookupInput) -> Looked {
     let mut miss = None;
     if !input.forced {
         // `finish` materializes every output of a hit, which checks each file it uses.
-        match cache.probe_to_materialize(&key) {
+        let memo = env.stage.memo.loaded.entry(cache, &node.name, &key);
+        let found = match memo {
+            Some(entry) => Ok(Lookup::Hit(Box::new(entry))),
+            None => cache.probe_to_materialize(&key),
+        };
+        match found {
             Ok(Lookup::Hit(entry)) => {
                 let entry = Arc::new(*entry);
                 match stage_run::finish(&env.stage, node, input.kind.as_ref(), &entry) {

@@ -50,6 +50,35 @@ pub(super) struct Env<'a> {
     pub cancel: &'a Arc<AtomicBool>,
     pub runs_dir: Option<&'a Path>,
     pub dirs: Arc<OpenDirs>,
+    pub memo: Arc<RunMemo>,
+}
+
+/// The experiment's run memo (`cache`'s `memo` module) as this run found it: hits whose
+/// key it records skip their manifest read and their ref check. The file is removed the
+/// first time this run moves a ref, and written anew when the run ends.
+#[derive(Debug, Default)]
+pub(super) struct RunMemo {
+    pub loaded: cache::Memo,
+    dropped: AtomicBool,
+}
+
+impl RunMemo {
+    pub fn new(loaded: cache::Memo) -> Self {
+        Self {
+            loaded,
+            dropped: AtomicBool::new(false),
+        }
+    }
+
+    /// Called before a ref of `experiment` moves: the memo may vouch for the old one.
+    fn before_ref_moves(&self, cache: &Cache, experiment: &str) {
+        if !self
+            .dropped
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            cache.drop_memo(experiment);
+        }
+    }
 }
 
 /// Directories a hit touches a file in, open once per run, so that those calls are
@@ -302,8 +331,12 @@ pub(super) fn finish(
     entry: &Entry,
 ) -> Result<(), FinishError> {
     let exp = &env.recipe.experiment;
-    // Refs only feed explanations; skip the write when it is already right (no-op reruns).
-    if env.cache.get_ref(exp, &node.name).ok().flatten() != Some(entry.key) {
+    // Refs only feed explanations; skip the write when it is already right (no-op reruns),
+    // and the read too when the memo records this key (then it is the ref).
+    if env.memo.loaded.key(&node.name) != Some(entry.key)
+        && env.cache.get_ref(exp, &node.name).ok().flatten() != Some(entry.key)
+    {
+        env.memo.before_ref_moves(env.cache, exp);
         env.cache
             .set_ref(exp, &node.name, &entry.key)
             .map_err(|e| cache_err("cannot record the stage's ref", e))?;
