@@ -306,6 +306,23 @@ impl Project {
     }
 }
 
+/// The line of `explain`'s text output (stdout and stderr of `r`, which must have succeeded)
+/// about parameter `param`, and the whole output for failure messages.
+pub(crate) fn explained_param(r: &RunResult, param: &str) -> (String, String) {
+    r.ok();
+    let out = format!("{}{}", r.stdout, r.stderr);
+    let line = out
+        .lines()
+        .find(|l| {
+            l.contains(&format!("`{param}`"))
+                || l.contains(&format!("{param}:"))
+                || l.contains(&format!(" {param} "))
+        })
+        .unwrap_or_else(|| panic!("no line about param `{param}`:\n{out}"))
+        .to_owned();
+    (line, out)
+}
+
 /// Run a command to completion, killing it after 60 s (a hang, e.g. on a stale lock, is a
 /// test failure rather than a stuck test suite).
 pub(crate) fn run_cmd(mut c: Command) -> RunResult {

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::common::{Project, RecipeOpts, Shape, render, shape};
+use crate::common::{Project, RecipeOpts, Shape, explained_param, render, shape};
 
 fn explain(p: &Project, stage: &str, json: bool) -> crate::common::RunResult {
     let recipe = p.recipe();
@@ -46,13 +46,7 @@ fn setup_changed() -> Project {
 #[test]
 fn explain_names_the_changed_param_with_old_and_new_values() {
     let p = setup_changed();
-    let r = explain(&p, "s0001", false);
-    r.ok();
-    let out = format!("{}{}", r.stdout, r.stderr);
-    let line = out
-        .lines()
-        .find(|l| l.contains("`q`") || l.contains("q:") || l.contains(" q "))
-        .unwrap_or_else(|| panic!("no line about param `q`:\n{out}"));
+    let (line, out) = explained_param(&explain(&p, "s0001", false), "q");
     assert!(
         line.contains('1') && line.contains('5'),
         "old and new value of `q` missing: {line}\n{out}"

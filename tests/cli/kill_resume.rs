@@ -386,13 +386,7 @@ fn a_run_killed_after_moving_a_ref_leaves_no_memo_that_hides_it() {
     p.write_recipe(&recipe(1));
     p.run(&["--no-progress", "run", path]).ok();
     p.write_recipe(&recipe(3));
-    let r = p.run(&["explain", path, "a"]);
-    r.ok();
-    let out = format!("{}{}", r.stdout, r.stderr);
-    let line = out
-        .lines()
-        .find(|l| l.contains("`p`") || l.contains("p:") || l.contains(" p "))
-        .unwrap_or_else(|| panic!("no line about param `p`:\n{out}"));
+    let (line, out) = crate::common::explained_param(&p.run(&["explain", path, "a"]), "p");
     assert!(
         line.contains('1') && line.contains('3') && !line.contains('2'),
         "`a` must be explained against its last finished run (p = 1): {line}\n{out}"

@@ -2,16 +2,22 @@
 
 use std::collections::HashSet;
 
-use cache::Memo;
+use cache::{Cache, Entry, Key, Memo};
 
 use crate::common::{commit_files, key, open};
 
-#[test]
-fn a_memo_gives_back_the_entry_only_at_its_key() {
+/// A cache with one committed entry (key `a`).
+fn one_entry() -> (tempfile::TempDir, Cache, Key, Entry) {
     let t = tempfile::tempdir().unwrap();
     let c = open(t.path());
     let k = key("a");
     let e = commit_files(&c, &k, &[("x.txt", b"x")]);
+    (t, c, k, e)
+}
+
+#[test]
+fn a_memo_gives_back_the_entry_only_at_its_key() {
+    let (_t, c, k, e) = one_entry();
     assert!(
         c.load_memo("exp").is_empty(),
         "no memo before the first save"
@@ -52,10 +58,7 @@ fn saving_keeps_the_records_of_stages_not_in_this_run() {
 
 #[test]
 fn a_damaged_memo_is_empty_and_drop_and_gc_remove_it() {
-    let t = tempfile::tempdir().unwrap();
-    let c = open(t.path());
-    let k = key("a");
-    let e = commit_files(&c, &k, &[("x.txt", b"x")]);
+    let (t, c, k, e) = one_entry();
     c.save_memo("exp", &Memo::default(), [("s", &e)]).unwrap();
     let file = t.path().join("v1/memo/exp.bin");
     let bytes = std::fs::read(&file).unwrap();

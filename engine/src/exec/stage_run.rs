@@ -56,7 +56,7 @@ pub(super) struct Env<'a> {
 /// The experiment's run memo (`cache`'s `memo` module) as this run found it: hits whose
 /// key it records skip their manifest read and their ref check. The file is removed the
 /// first time this run moves a ref, and written anew when the run ends.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct RunMemo {
     pub loaded: cache::Memo,
     dropped: AtomicBool,
