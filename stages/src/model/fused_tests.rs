@@ -155,3 +155,48 @@ fn fused_and_composed_greedy_generation_agree() {
     let composed = with_composed(|| generate(&m, &prompts, &opts, None).unwrap());
     assert_eq!(fused, composed);
 }
+
+/// Decoding steps through a cache that packs the weights (the default) give the same
+/// logits, to the bit, as plain products, with a LoRA adapter on every projection.
+#[test]
+fn decoding_with_packed_weights_keeps_the_plain_products_bits() {
+    use super::KvCache;
+    let m = model();
+    let b = batch(&m);
+    let s = b.ids.dim(1).unwrap();
+    let steps = |mut cache: KvCache| {
+        let mut out = vec![
+            m.forward(
+                &b.ids,
+                Some(&b.pixels),
+                Some(&b.mask),
+                Some(&b.pos),
+                Some(&mut cache),
+            )
+            .unwrap(),
+        ];
+        let mut mask = b.mask.clone();
+        for step in 0..4u32 {
+            let ids = Tensor::new(&[[7 + step], [300 + 11 * step]], &Device::Cpu).unwrap();
+            let ones = Tensor::ones((2, 1), DType::U32, &Device::Cpu).unwrap();
+            mask = Tensor::cat(&[&mask, &ones], 1).unwrap();
+            let at = (s as i64 - 3 + step as i64, s as i64 + step as i64);
+            let pos = Tensor::new(&[[at.1], [at.0]], &Device::Cpu).unwrap();
+            let l = m.forward(&ids, None, Some(&mask), Some(&pos), Some(&mut cache));
+            out.push(l.unwrap());
+        }
+        let bits: Vec<Vec<u32>> = out
+            .iter()
+            .map(|l| l.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .map(|v| v.iter().map(|x| x.to_bits()).collect())
+            .collect();
+        (bits, cache.packed_bytes())
+    };
+    let (packed, packed_bytes) = steps(KvCache::with_capacity(s + 4));
+    let (plain, plain_bytes) = steps(KvCache::with_capacity(s + 4).without_packing());
+    assert!(
+        packed_bytes > 0 && plain_bytes == 0,
+        "{packed_bytes} / {plain_bytes} bytes packed"
+    );
+    assert_eq!(packed, plain);
+}

@@ -143,8 +143,10 @@ pub fn generate(
         .flat_map(|p| (0..opts.num_samples).map(move |s| (p, s)))
         .collect();
     let mut out = Vec::with_capacity(rows.len());
+    // Holds the decoding weights the batches pack (see `KvCache`), so they are packed once.
+    let packs = KvCache::new();
     for chunk in rows.chunks(opts.batch_size) {
-        out.extend(generate_chunk(model, prompts, chunk, opts, detok)?);
+        out.extend(generate_chunk(model, prompts, chunk, opts, detok, &packs)?);
     }
     Ok(out)
 }
@@ -167,6 +169,7 @@ fn generate_chunk(
     chunk: &[(usize, usize)],
     opts: &GenerateOptions,
     detok: Option<&dyn Detokenizer>,
+    packs: &KvCache,
 ) -> Result<Vec<Generated>> {
     let dev = model.device().clone();
     let b = chunk.len();
@@ -212,7 +215,7 @@ fn generate_chunk(
     } else {
         Some(Tensor::cat(&images, 0)?)
     };
-    let mut cache = KvCache::with_capacity(len + opts.max_new_tokens);
+    let mut cache = KvCache::with_capacity(len + opts.max_new_tokens).sharing_packs(packs);
     let input = Tensor::from_vec(ids, (b, len), &dev)?;
     let position = Tensor::from_vec(pos, (b, len), &dev)?;
     let mask = mask_tensor(&rows, &dev)?;

@@ -27,8 +27,9 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::clip::{ClipVision, Projector, select};
 use super::config::{FeatureSelect, LlavaConfig};
+use super::kv_cache::KvCache;
 use super::linear::{Ctx, DropoutKey, LinearInfo};
-use super::llama::{KvCache, Llama, Positions, additive_mask, rope_tables};
+use super::llama::{Llama, Positions, additive_mask, rope_tables};
 use super::lora::Adapter;
 use super::weights::{Builder, Checkpoint, ParamStore, Source, save_safetensors, write_atomic};
 use super::{ModelError, Result};

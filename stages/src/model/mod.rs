@@ -9,7 +9,8 @@
 //! | [`weights`] | reading single-file or sharded safetensors in any of the three LLaVA name layouts, and saving in transformers-5 names |
 //! | [`linear`] | the one linear layer every block uses; it carries the LoRA adapters attached to it |
 //! | [`clip`] | the CLIP vision tower (pre-LN ViT) and the `mlp2x_gelu` projector |
-//! | [`llama`] | the LLaMA decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, masks, [`KvCache`] |
+//! | [`llama`] | the LLaMA decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, masks |
+//! | [`kv_cache`] | [`KvCache`]: preallocated keys/values, and the weights packed for decoding steps |
 //! | [`llava`] | [`Llava`]: image-token merge, forward, load/save, trainable-variable selection |
 //! | [`lora`] | adapter configs, PEFT read/write, target matching, merging, seeded dropout |
 //! | [`preset`] | the built-in `llava-tiny` and `llava-1.5-7b` configs |
@@ -39,6 +40,7 @@ pub mod config;
 pub mod files;
 pub mod generate;
 pub mod image;
+pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod llava;
@@ -54,7 +56,7 @@ mod fused_tests;
 use std::path::PathBuf;
 
 pub use config::{ClipVisionConfig, FeatureSelect, LlamaConfig, LlavaConfig};
-pub use llama::KvCache;
+pub use kv_cache::KvCache;
 pub use llava::{Llava, TrainMode};
 pub use lora::LoraConfig;
 

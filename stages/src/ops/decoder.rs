@@ -43,6 +43,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor,
 use super::attention::{Dims, Heads, MaskRef, Problem};
 use super::fused::{grad_for, rms_norm_bwd_rows, rms_norm_rows, slice, tensor, with_f32};
 use super::gemm::{self, Lora};
+use super::packed::{self, Packed};
 use super::simd::{self, simd_fn};
 
 /// Projection order of [`Params::w`] and [`Params::lora`].
@@ -100,13 +101,16 @@ impl LayerDims {
 
 /// A layer's tensors: the two RMSNorm weights, the seven projection weights `[out, in]`
 /// (order [`Q`]..[`DOWN`]) and, per projection, its LoRA pairs `(A, B, scale)` (one per
-/// attached adapter that targets it, in adapter order).
+/// attached adapter that targets it, in adapter order). `packed`, when given, holds the
+/// same seven weights packed for few-row products (decoding; module `packed`), which then
+/// serve the base products of calls with few rows.
 #[derive(Clone)]
 pub(crate) struct Params {
     pub(crate) ln1: Tensor,
     pub(crate) ln2: Tensor,
     pub(crate) w: [Tensor; 7],
     pub(crate) lora: [Vec<(Tensor, Tensor, f32)>; 7],
+    pub(crate) packed: Option<Arc<[Packed; 7]>>,
 }
 
 impl Params {
@@ -234,6 +238,7 @@ struct Ws<'a> {
     ln2: &'a [f32],
     w: [&'a [f32]; 7],
     lora: [Vec<Lora<'a>>; 7],
+    packed: Option<&'a [Packed; 7]>,
 }
 
 /// Read guards on CPU tensors, so their data can be borrowed as slices.
@@ -314,6 +319,7 @@ fn with_ws<R>(
         ln2: sl[1],
         w: [sl[2], sl[3], sl[4], sl[5], sl[6], sl[7], sl[8]],
         lora,
+        packed: params.packed.as_deref(),
     })
 }
 
@@ -378,6 +384,29 @@ fn add_suffix(x: &mut [f32], rows: &[f32], (b, s, from): (usize, usize, usize), 
 type Merged = [Option<Vec<f32>>; 7];
 
 impl Ws<'_> {
+    /// `y (+)= x W_iᵀ` with the base weight alone, from its packed copy when that covers
+    /// `rows` (same bits as gemm either way).
+    fn base(&self, i: usize, x: &[f32], rows: usize, y: &mut [f32], acc: bool) {
+        let (out, inp) = self.dims.proj(i);
+        match self.packed {
+            Some(p) if packed::covers(rows, out, inp) => packed::xwt(x, rows, &p[i], y, acc),
+            _ => gemm::xwt(x, rows, self.w[i], out, y, acc),
+        }
+    }
+
+    /// A new `[rows, out]` buffer `x W_iᵀ` with the base weight alone (see [`Ws::base`]).
+    fn base_new(&self, i: usize, x: &[f32], rows: usize) -> Vec<f32> {
+        let (out, inp) = self.dims.proj(i);
+        match self.packed {
+            Some(p) if packed::covers(rows, out, inp) => {
+                let mut y = vec![0f32; rows * out];
+                packed::xwt(x, rows, &p[i], &mut y, false);
+                y
+            }
+            _ => gemm::xwt_new(x, rows, self.w[i], out),
+        }
+    }
+
     /// `y (+)= x W_iᵀ` (LoRA included) over `rows` rows.
     fn project(
         &self,
@@ -394,7 +423,7 @@ impl Ws<'_> {
             let m = merged[i].get_or_insert_with(|| gemm::merged(self.w[i], out, loras));
             gemm::xwt(x, rows, m, out, y, acc);
         } else {
-            gemm::xwt(x, rows, self.w[i], out, y, acc);
+            self.base(i, x, rows, y, acc);
             for l in loras {
                 gemm::lora_add(x, rows, out, l, y);
             }
@@ -409,7 +438,7 @@ impl Ws<'_> {
             let m = merged[i].get_or_insert_with(|| gemm::merged(self.w[i], out, loras));
             gemm::xwt_new(x, rows, m, out)
         } else {
-            let mut y = gemm::xwt_new(x, rows, self.w[i], out);
+            let mut y = self.base_new(i, x, rows);
             for l in loras {
                 gemm::lora_add(x, rows, out, l, &mut y);
             }

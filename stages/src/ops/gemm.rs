@@ -144,7 +144,7 @@ unsafe fn raw(
 /// Rows up to which [`xwt`] computes `(W xᵀ)ᵀ` instead of `x Wᵀ`: for few rows (decoding,
 /// one per sequence) gemm is about 2x faster with the contiguous `W` as the left operand
 /// (docs/model-bench.md); the transposed result is copied out, `rows × out` floats.
-const SMALL_ROWS: usize = 64;
+pub(crate) const SMALL_ROWS: usize = 64;
 
 /// `y[n, out] (+)= x[n, in] · Wᵀ` for row-major `x` and `W[out, in]`; `y` has row stride
 /// `out`. With `acc` the product is added to `y`.

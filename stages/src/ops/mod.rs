@@ -31,6 +31,7 @@ pub(crate) mod decoder;
 mod fused;
 mod gemm;
 mod lora;
+pub(crate) mod packed;
 pub mod reference;
 mod simd;
 

@@ -486,7 +486,14 @@ fn dot4<L: Lanes>(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
             acc[u] = acc[u].fma(qv, pad(k[u]));
         }
     }
-    acc.map(L::reduce_add)
+    // Spelled out: `acc.map(..)` is a library function the compiler may leave out of line,
+    // compiled without the caller's AVX (it did, once other code grew).
+    [
+        acc[0].reduce_add(),
+        acc[1].reduce_add(),
+        acc[2].reduce_add(),
+        acc[3].reduce_add(),
+    ]
 }
 
 simd_fn! {
@@ -496,7 +503,8 @@ simd_fn! {
         let (d, t) = (q.len(), out.len());
         let key = |j: usize| &k[j * k_rs..j * k_rs + d];
         for (c, o) in out.chunks_exact_mut(4).enumerate() {
-            let r = dot4::<L>(q, std::array::from_fn(|u| key(4 * c + u)));
+            let j = 4 * c;
+            let r = dot4::<L>(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]);
             for (o, r) in o.iter_mut().zip(r) {
                 *o = scale * r;
             }

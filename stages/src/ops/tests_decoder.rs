@@ -45,6 +45,7 @@ fn params(seed: u64, lora: bool) -> Params {
         ln2: (t(&[16], 61, 0.1) + 1.0).unwrap(),
         w,
         lora,
+        packed: None,
     }
 }
 
