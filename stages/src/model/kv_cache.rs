@@ -59,8 +59,8 @@ struct PackState {
 }
 
 /// Most bytes of packed weights a generation keeps. Packing doubles the decoder's weights
-/// in memory; a model too large for that (the 7B preset in f32) decodes with plain
-/// products.
+/// in memory; a model whose layers would need more (the 7B preset in f32) decodes with
+/// plain products throughout.
 const PACK_BUDGET: usize = 2 << 30;
 
 /// One layer's buffers and its valid-prefix views.
@@ -131,11 +131,12 @@ impl KvCache {
         self.packs.0.lock().unwrap_or_else(|e| e.into_inner()).bytes
     }
 
-    /// Layer `i`'s weights packed for a forward of `rows` rows, packing them on first use;
-    /// `None` where plain products serve (many rows, no FMA, over budget, turned off).
+    /// Layer `i` (of `layers` like it)'s weights packed for a forward of `rows` rows,
+    /// packing them on first use; `None` where plain products serve (many rows, no FMA, a
+    /// model over the budget, turned off).
     pub(crate) fn packed(
         &self,
-        i: usize,
+        (i, layers): (usize, usize),
         p: &decoder::Params,
         rows: usize,
     ) -> Option<Arc<[Packed; 7]>> {
@@ -152,18 +153,20 @@ impl KvCache {
         {
             return Some(packs.clone());
         }
-        let w =
-            p.w.each_ref()
-                .map(|t| t.flatten_all().and_then(|f| f.to_vec1::<f32>()));
-        let mut packs = Vec::with_capacity(7);
-        for (t, v) in p.w.iter().zip(w) {
-            packs.push(Packed::new(&v.ok()?, t.dim(0).ok()?));
-        }
-        let bytes: usize = packs.iter().map(Packed::bytes).sum();
-        if st.bytes + bytes > PACK_BUDGET {
+        let per_layer = p.w.iter().try_fold(0usize, |sum, t| {
+            let (out, k) = t.dims2().ok()?;
+            sum.checked_add(Packed::size(out, k))
+        })?;
+        if per_layer.checked_mul(layers)? > PACK_BUDGET {
             return None;
         }
-        let packs: Arc<[Packed; 7]> = Arc::new(packs.try_into().ok()?);
+        let packs =
+            p.w.iter()
+                .map(Packed::from_tensor)
+                .collect::<Result<Vec<_>>>();
+        let packs: [Packed; 7] = packs.ok()?.try_into().ok()?;
+        let bytes: usize = packs.iter().map(Packed::bytes).sum();
+        let packs = Arc::new(packs);
         if st.layers.len() <= i {
             st.layers.resize(i + 1, None);
         }
@@ -430,5 +433,31 @@ mod tests {
             .unwrap();
         let want = Tensor::cat(&[&first.0.narrow(0, 1, 1).unwrap(), &next.0], 2).unwrap();
         assert_eq!(vals(&k), vals(&want));
+    }
+
+    #[test]
+    fn weights_are_packed_for_few_rows_and_models_within_the_budget() {
+        let w = |o: usize, k: usize| Tensor::ones((o, k), candle_core::DType::F32, &Device::Cpu);
+        let p = decoder::Params {
+            ln1: w(1, 16).unwrap(),
+            ln2: w(1, 16).unwrap(),
+            w: std::array::from_fn(|_| w(16, 16).unwrap()),
+            lora: Default::default(),
+            packed: None,
+        };
+        let cache = KvCache::new();
+        if !packed::usable() {
+            assert!(cache.packed((0, 1), &p, 16).is_none());
+            return;
+        }
+        let one = cache.packed((0, 2), &p, 16).expect("packed");
+        // Kept: the same layer's weights are not packed again.
+        assert!(Arc::ptr_eq(&one, &cache.packed((0, 2), &p, 4).unwrap()));
+        assert_eq!(cache.packed_bytes(), 7 * Packed::size(16, 16));
+        assert!(cache.packed((0, 2), &p, 1).is_none() && cache.packed((0, 2), &p, 65).is_none());
+        // A model whose layers would not all fit is not packed at all.
+        let layers = PACK_BUDGET / (7 * Packed::size(16, 16)) + 1;
+        assert!(KvCache::new().packed((0, layers), &p, 16).is_none());
+        assert!(KvCache::new().packed((0, layers - 1), &p, 16).is_some());
     }
 }

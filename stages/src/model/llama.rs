@@ -151,7 +151,8 @@ impl Llama {
                         }
                         Some(cache) => {
                             let mut p = p;
-                            p.packed = cache.packed(i, &p, x.dim(0)? * (s - from_i));
+                            let layers = (i, self.layers.len());
+                            p.packed = cache.packed(layers, &p, x.dim(0)? * (s - from_i));
                             let mut append = |new: decoder::NewKv<'_>| cache.append_new(i, new);
                             let kv = decoder::Kv::Cache(&mut append);
                             decoder::forward(&p, dims, &x, pos, from_i, kv)?

@@ -16,6 +16,8 @@
 //! changes no result (a test checks every row count the model uses). Without FMA the model
 //! keeps gemm ([`usable`]).
 
+use candle_core::{Result, Tensor};
+
 use super::simd::{self, simd_fn};
 
 /// Output rows per tile: six 16-lane accumulators, plus the input column, fill the AVX2
@@ -59,9 +61,20 @@ impl Packed {
         Self { out, k, data }
     }
 
+    /// Packs a CPU f32 weight tensor `[out, k]` (read in place).
+    pub(crate) fn from_tensor(w: &Tensor) -> Result<Self> {
+        let (out, _) = w.dims2()?;
+        super::fused::with_f32(w, "packed weight", |v| Self::new(v, out))
+    }
+
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
         self.data.len() * std::mem::size_of::<f32>()
+    }
+
+    /// Bytes a packed `[out, k]` weight takes.
+    pub(crate) fn size(out: usize, k: usize) -> usize {
+        out.div_ceil(TILE) * TILE * k * std::mem::size_of::<f32>()
     }
 }
 
@@ -202,7 +215,7 @@ mod tests {
         for (si, &(out, k)) in shapes.iter().enumerate() {
             let w = values(out * k, 1 + si as u32);
             let p = Packed::new(&w, out);
-            assert_eq!(p.bytes(), out.div_ceil(TILE) * TILE * k * 4);
+            assert_eq!(p.bytes(), Packed::size(out, k));
             for n in (1..=64).filter(|&n| covers(n, out, k)) {
                 let x = values(n * k, 100 + n as u32);
                 for acc in [false, true] {
