@@ -41,7 +41,7 @@ pub(crate) struct Packed {
 impl Packed {
     /// Packs a row-major `W[out, k]`.
     pub(crate) fn new(w: &[f32], out: usize) -> Self {
-        let k = if out == 0 { 0 } else { w.len() / out };
+        let k = w.len().checked_div(out).unwrap_or(0);
         let tiles = out.div_ceil(TILE);
         let mut data = Vec::with_capacity(tiles * k * TILE);
         for t in 0..tiles {
