@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Interleaved candle/PyTorch pairs of the model benchmark, for ratios on a shared machine:
 # CPU time there moves with whatever shares the host, so each candle run is compared with the
-# torch run next to it, and the summary gives min / median / max of the per-pair ratios.
+# torch run next to it, and the summary gives min / median / max of the per-pair ratios and the
+# ratio of the two sides' medians over the run.
 #
 #   scripts/bench_model_pairs.sh [PAIRS] [OUT_DIR]     (defaults: 10, a temporary directory)
 #
