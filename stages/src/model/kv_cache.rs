@@ -53,7 +53,6 @@ struct Packs(Arc<Mutex<PackState>>);
 #[derive(Debug, Default)]
 struct PackState {
     layers: Vec<Option<PackedLayer>>,
-    bytes: usize,
     /// Set to keep plain products (tests compare the two paths).
     off: bool,
 }
@@ -128,7 +127,13 @@ impl KvCache {
     /// Bytes of packed decoding weights held.
     #[cfg(test)]
     pub(crate) fn packed_bytes(&self) -> usize {
-        self.packs.0.lock().unwrap_or_else(|e| e.into_inner()).bytes
+        let st = self.packs.0.lock().unwrap_or_else(|e| e.into_inner());
+        st.layers
+            .iter()
+            .flatten()
+            .flat_map(|(_, packs)| packs.iter())
+            .map(Packed::bytes)
+            .sum()
     }
 
     /// Layer `i` (of `layers` like it)'s weights packed for a forward of `rows` rows,
@@ -140,7 +145,7 @@ impl KvCache {
         p: &decoder::Params,
         rows: usize,
     ) -> Option<Arc<[Packed; 7]>> {
-        if !(packed::usable() && (2..=packed::MAX_ROWS).contains(&rows)) {
+        if !(packed::usable() && packed::few_rows(rows)) {
             return None;
         }
         let ids = p.w.each_ref().map(Tensor::id);
@@ -164,13 +169,10 @@ impl KvCache {
             p.w.iter()
                 .map(Packed::from_tensor)
                 .collect::<Result<Vec<_>>>();
-        let packs: [Packed; 7] = packs.ok()?.try_into().ok()?;
-        let bytes: usize = packs.iter().map(Packed::bytes).sum();
-        let packs = Arc::new(packs);
+        let packs: Arc<[Packed; 7]> = Arc::new(packs.ok()?.try_into().ok()?);
         if st.layers.len() <= i {
             st.layers.resize(i + 1, None);
         }
-        st.bytes += bytes;
         st.layers[i] = Some((ids, packs.clone()));
         Some(packs)
     }

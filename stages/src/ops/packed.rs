@@ -68,6 +68,7 @@ impl Packed {
     }
 
     /// Bytes held.
+    #[cfg(test)]
     pub(crate) fn bytes(&self) -> usize {
         self.data.len() * std::mem::size_of::<f32>()
     }
@@ -88,11 +89,14 @@ pub(crate) fn usable() -> bool {
 /// a single row (a matrix-vector product) and for `k ≤ 2`; and many rows are better served
 /// by its blocking.
 pub(crate) fn covers(rows: usize, out: usize, k: usize) -> bool {
-    (2..=MAX_ROWS).contains(&rows) && rows * out > 256 && k > 2
+    few_rows(rows) && rows * out > 256 && k > 2
 }
 
-/// Most input rows a product takes this path with.
-pub(crate) const MAX_ROWS: usize = super::gemm::SMALL_ROWS;
+/// Whether products of `rows` input rows can take this path at all (2 to 64 rows: the
+/// rows gemm serves with `W xᵀ`).
+pub(crate) fn few_rows(rows: usize) -> bool {
+    (2..=super::gemm::SMALL_ROWS).contains(&rows)
+}
 
 /// The `k` blocks gemm sums separately for `W xᵀ` with `out` and `rows` rows: products
 /// with both at most 64 take blocks of 512, larger ones `⌈k / 512⌉` blocks of
